@@ -1,0 +1,16 @@
+"""backpack: more quantities from one backward pass (per-sample gradients, curvature, ...).
+
+from backpack import backpack, extend
+from backpack.extensions import BatchGrad
+model, lossfunc = extend(model), extend(lossfunc)
+with backpack(BatchGrad()):
+lossfunc(model(X), y).backward()
+p.grad_batch  # [N, *p.shape]
+"""
+
+from backpack import derivatives  # noqa: F401  (registers the built-in rules)
+from backpack._context import backpack, disable
+from backpack._hooks import extend
+from backpack.derivatives.base import IO, Rule, register
+
+__all__ = ["backpack", "disable", "extend", "register", "Rule", "IO"]

@@ -1,0 +1,130 @@
+"""Global state: the extensions of the active ``backpack`` block and the ``disable`` switch."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from torch.nn import Module
+
+from backpack.extensions.base import BackpropExtension
+
+logger = logging.getLogger("backpack")
+
+
+@dataclass
+class _State:
+    extensions: tuple[BackpropExtension, ...] = ()
+    extension_hook: Callable[[Module], None] | None = None
+    debug: bool = False
+    retain_graph: bool = False
+    modules_run: int = 0  # extended modules whose backward ran inside the block
+    store_io: bool = True
+    strict: bool = False
+    warned: set = field(default_factory=set)  # (module type, extension) pairs warned about
+    flowing: dict = field(default_factory=dict)  # (autograd node, output index) -> backpropagated
+
+
+STATE = _State()
+
+
+def _check_extensions(exts: tuple) -> None:
+    """Raise ``ValueError`` for classes, non-extensions and two extensions sharing a savefield."""
+    seen: dict[str, BackpropExtension] = {}
+    for ext in exts:
+        if isinstance(ext, type) and issubclass(ext, BackpropExtension):
+            raise ValueError(
+                f"backpack(...) received the class {ext.__name__} instead of an instance. "
+                f"Instantiate it before passing it to backpack: backpack({ext.__name__}())."
+            )
+        if not isinstance(ext, BackpropExtension):
+            raise ValueError(
+                "backpack(...) expects instances of backpack.extensions "
+                f"(e.g. BatchGrad()), but received {ext!r}."
+            )
+        if ext.savefield in seen:
+            raise ValueError(
+                f"{type(seen[ext.savefield]).__name__} and {type(ext).__name__} both write "
+                f"'{ext.savefield}'. Pass only one of them, or give one another savefield."
+            )
+        seen[ext.savefield] = ext
+
+
+class backpack:  # noqa: N801 (BackPACK's public name)
+    """Context manager: compute ``extensions`` in every backward pass run inside the block.
+
+    Args:
+        *exts: extension instances, e.g. ``BatchGrad(), KFAC()``.
+        extension_hook: called as ``hook(module)`` once per extended module, after its
+            extensions ran.
+        debug: log (logger ``backpack``, level INFO) which extension runs on which module.
+        retain_graph: keep each module's forward record after the backward pass, for
+            another backward (use with ``loss.backward(retain_graph=True)``).
+        strict: raise instead of warning when a module has no rule.
+    """
+
+    def __init__(
+        self,
+        *exts: BackpropExtension,
+        extension_hook: Callable[[Module], None] | None = None,
+        debug: bool = False,
+        retain_graph: bool = False,
+        strict: bool = False,
+    ):
+        _check_extensions(exts)
+        self.new = dict(
+            extensions=tuple(exts),
+            extension_hook=extension_hook,
+            debug=debug,
+            retain_graph=retain_graph,
+            strict=strict,
+            modules_run=0,
+        )
+
+    def __enter__(self) -> backpack:
+        self.old = {k: getattr(STATE, k) for k in self.new}
+        for k, v in self.new.items():
+            setattr(STATE, k, v)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        ran, exts = STATE.modules_run, STATE.extensions
+        for k, v in self.old.items():
+            setattr(STATE, k, v)
+        if exc[0] is None and exts and ran == 0:
+            warnings.warn(
+                "backpack: no extended module ran a backward pass inside the block, so "
+                f"{', '.join(type(e).__name__ for e in exts)} computed nothing. "
+                "Call backpack.extend(model) (and extend(lossfunc) for second-order "
+                "extensions) before the forward pass, outside torch.no_grad() and disable().",
+                UserWarning,
+                stacklevel=2,
+            )
+
+
+class disable:  # noqa: N801 (BackPACK's public name)
+    """Context manager: extended modules store nothing in forward passes run inside it.
+
+    Use it for forward passes that are only differentiated by plain autograd (or never).
+    """
+
+    def __enter__(self) -> disable:
+        self.old = STATE.store_io
+        STATE.store_io = False
+        return self
+
+    def __exit__(self, *exc) -> None:
+        STATE.store_io = self.old
+
+    @staticmethod
+    def should_store_io() -> bool:
+        """Whether extended modules currently record their inputs and outputs."""
+        return STATE.store_io
+
+
+def debug_log(msg: str) -> None:
+    """Log ``msg`` when the active block has ``debug=True``."""
+    if STATE.debug:
+        logger.info(msg)

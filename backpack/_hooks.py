@@ -1,0 +1,163 @@
+"""The engine: forward hook -> per-call record -> tensor hook on the output -> backward driver.
+
+Each forward call of an extended module creates a ``_Record`` (detached inputs and output). It
+is referenced only from the hook registered on the call's output tensor, so it lives exactly as
+long as the autograd graph; the backward driver frees it after use. What flows backward between
+modules (second-order extensions) is keyed by the autograd node that produced a tensor and the
+output index, never by tensor object or memory address.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.nn import Module
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+from backpack._context import STATE, debug_log, logger
+from backpack.derivatives.base import IO, rule_for
+from backpack.extensions.base import Call, warn_no_rule
+
+_PENDING_KEYS: dict[Module, tuple] = {}  # in-place modules: input keys read before they run
+
+
+class _Record:
+    """What the backward driver needs of one forward call."""
+
+    __slots__ = ("module", "rule", "io", "in_keys")
+
+    def __init__(self, module: Module, args: tuple, kwargs: dict, output: Any, in_keys: tuple):
+        self.module = module
+        self.rule = rule_for(module)
+        keep_out = self.rule is None or self.rule.needs_output
+        # inputs are kept as they are (their graph lies upstream of this call's node); the
+        # output is detached, since a hook on it that references it would form a cycle
+        self.io = IO(args, _detach(output) if keep_out else None, kwargs)
+        self.in_keys = in_keys
+
+    def release(self) -> None:
+        self.io = None
+
+
+def _detach(obj: Any) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.detach()
+    return tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, obj)
+
+
+def _key(t: Any) -> tuple | None:
+    """Identity of a tensor in the autograd graph: (producing node, output index)."""
+    if isinstance(t, Tensor) and t.grad_fn is not None:
+        return (t.grad_fn, t.output_nr)
+    return None
+
+
+def _wants_hook(module: Module) -> bool:
+    """Leaves, modules with a rule, and modules with parameters of their own are hooked."""
+    if rule_for(module) is not None:
+        return True
+    has_children = next(module.children(), None) is not None
+    return not has_children or next(module.parameters(recurse=False), None) is not None
+
+
+def extend(module: Module, debug: bool = False, use_converter: bool = False) -> Module:
+    """Ready ``module`` and its submodules for backpack; returns the same object.
+
+    Containers (modules with children and no parameters of their own) are not hooked.
+    Idempotent: already extended modules are skipped.
+    """
+    if use_converter:
+        raise NotImplementedError(
+            "extend(..., use_converter=True) (rewriting the model with torch.fx) is not "
+            "available yet. First-order extensions already work on any graph; for second-order "
+            "extensions build the model from modules (nn.Sequential and layers)."
+        )
+    for m in module.modules():
+        if getattr(m, "_backpack_extend", False) or not _wants_hook(m):
+            continue
+        if debug:
+            logger.info("Extending %s", m)
+        handles = [m.register_forward_hook(_forward_hook, with_kwargs=True)]
+        if getattr(m, "inplace", False):
+            handles.append(m.register_forward_pre_hook(_pre_hook))
+        m._backpack_handles = handles
+        m._backpack_extend = True
+    return module
+
+
+def _pre_hook(module: Module, args: tuple) -> None:
+    if STATE.store_io and torch.is_grad_enabled():
+        _PENDING_KEYS[module] = tuple(_key(a) for a in args)
+
+
+def _forward_hook(module: Module, args: tuple, kwargs: dict, output: Any) -> Any:
+    if not STATE.store_io or not torch.is_grad_enabled():
+        return None
+    in_keys = _PENDING_KEYS.pop(module, None) or tuple(map(_key, args))
+    if isinstance(output, Tensor):
+        if not output.requires_grad or _key(output) in in_keys:
+            return None  # nothing to differentiate, or a pass-through (same autograd value)
+        record = _Record(module, args, kwargs, output, in_keys)
+        output.register_hook(partial(_on_output_grad, record))
+        return None
+    leaves, spec = tree_flatten(output)
+    idx = [i for i, t in enumerate(leaves) if isinstance(t, Tensor) and t.requires_grad]
+    if not idx:
+        return None
+    record = _Record(module, args, kwargs, output, in_keys)
+    joined = _Joint.apply(partial(_run, record), *(leaves[i] for i in idx))
+    for i, t in zip(idx, joined):
+        leaves[i] = t
+    return tree_unflatten(leaves, spec)
+
+
+class _Joint(torch.autograd.Function):
+    """Identity on several outputs whose backward sees all their gradients at once."""
+
+    @staticmethod
+    def forward(ctx: Any, run: Any, *tensors: Tensor) -> tuple[Tensor, ...]:
+        ctx.run = run
+        return tuple(t.view_as(t) for t in tensors)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> tuple:
+        ctx.run(grads)
+        return (None, *grads)
+
+
+def _on_output_grad(record: _Record, grad: Tensor) -> None:
+    _run(record, (grad,))
+
+
+def _run(record: _Record, grads: tuple[Tensor, ...]) -> None:
+    """Backward driver for one module call: run the active extensions, then free the record."""
+    exts = STATE.extensions
+    module = record.module
+    if not exts:
+        if not STATE.retain_graph:
+            record.release()
+        return
+    if record.io is None:
+        raise RuntimeError(
+            f"backpack: the forward record of {module} was freed by an earlier backward pass. "
+            "To backpropagate through one graph several times with extensions, pass "
+            "retain_graph=True to backpack(...) as well as to backward()."
+        )
+    STATE.modules_run += 1
+    call = Call(module, record.rule, record.io, grads)
+    if record.rule is None:
+        for ext in exts:
+            warn_no_rule(module, ext, STATE.strict, STATE.warned)
+    else:
+        for ext in exts:
+            debug_log(f"Running extension {ext} on {module}")
+            ext.run(call)
+    if STATE.extension_hook is not None:
+        debug_log(f"Running extension hook on {module}")
+        STATE.extension_hook(module)
+    record.io.cache.clear()
+    if not STATE.retain_graph:
+        record.release()

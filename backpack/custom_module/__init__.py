@@ -1,0 +1,1 @@
+"""Modules that make graphs expressible as modules with rules (see ``extend``)."""

@@ -1,0 +1,135 @@
+"""Rules: the Jacobian-product math of one module type, and the registry that maps types to rules.
+
+Shape letters, used in docstrings and einsum strings throughout the package:
+    v  vector axis (columns of a backpropagated matrix; 1 for a plain gradient)
+    n  batch
+    i  / o  input / output features (per group)
+    g  groups
+    s  shared positions (spatial positions of a convolution, extra dims of a Linear input)
+    c  classes (model outputs of a loss)
+
+A rule is stateless. Its methods receive the module and ``io``, the record of one forward call
+(``io.inputs``, ``io.output``, ``io.kwargs``, detached), plus what flows backward:
+    jac_t_mat_prod(module, io, mat)                       [v, n, *out] -> [v, n, *in]
+    jac_mat_prod(module, io, mat)                         [v, n, *in]  -> [v, n, *out]
+    param_jac_t_mat_prod(module, io, mat, name, sum_batch) [v, n, *out] -> [v, (n,) *param]
+First-order quantities (``batch_grad``, ``batch_l2``, ``sum_grad_squared``) default to reductions
+of ``param_jac_t_mat_prod`` and are overridden where a contraction is cheaper.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.nn import Module
+
+
+@dataclass
+class IO:
+    """Detached inputs, output and keyword arguments of one forward call of a module."""
+
+    inputs: tuple[Any, ...]
+    output: Any
+    kwargs: dict = field(default_factory=dict)
+    cache: dict = field(default_factory=dict)  # per-backward memo shared by extensions
+
+    @property
+    def input0(self) -> Tensor:
+        return self.inputs[0]
+
+
+class Rule:
+    """Jacobian products of one module type (see the module docstring for shapes)."""
+
+    needs_output = True  # store the module's output in forward (else only its inputs)
+
+    def batch_axis(self, module: Module) -> int:
+        """Axis of the batch in the module's input, output and output gradient."""
+        return 0
+
+    def subsample(self, module: Module, io: IO, g: Tensor, idx: list[int]) -> tuple[IO, Tensor]:
+        """Restrict record and output gradient to the samples ``idx``."""
+        ax = self.batch_axis(module)
+        index = torch.tensor(idx, device=g.device)
+        n = g.shape[ax]
+
+        def pick(t: Any) -> Any:
+            batched = isinstance(t, Tensor) and t.dim() > ax and t.shape[ax] == n
+            return t.index_select(ax, index) if batched else t
+
+        sub = IO(tuple(pick(t) for t in io.inputs), pick(io.output), io.kwargs)
+        return sub, pick(g)
+
+    def param_names(self, module: Module) -> list[str]:
+        """Names of the module's own trainable parameters this rule differentiates."""
+        return [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+
+    def check(self, module: Module, io: IO, extension: Any) -> None:
+        """Raise a clear error if ``extension`` is undefined for this module's configuration."""
+
+    def jac_t_mat_prod(self, module: Module, io: IO, mat: Tensor) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} has no jac_t_mat_prod")
+
+    def jac_mat_prod(self, module: Module, io: IO, mat: Tensor) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} has no jac_mat_prod")
+
+    def param_jac_t_mat_prod(
+        self, module: Module, io: IO, mat: Tensor, name: str, sum_batch: bool = True
+    ) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} has no parameter Jacobian")
+
+    # first-order quantities; ``g`` is the gradient w.r.t. the output, [n, *out]
+    def batch_grad(self, module: Module, io: IO, g: Tensor, name: str) -> Tensor:
+        """Per-sample gradients ``[n, *param]``."""
+        key = ("batch_grad", name)
+        if key not in io.cache:
+            io.cache[key] = self.param_jac_t_mat_prod(
+                module, io, g.unsqueeze(0), name, sum_batch=False
+            )[0]
+        return io.cache[key]
+
+    def grad(self, module: Module, io: IO, g: Tensor, name: str) -> Tensor:
+        """Gradient summed over the batch ``[*param]``."""
+        key = ("batch_grad", name)
+        if key in io.cache:
+            return io.cache[key].sum(0)
+        return self.param_jac_t_mat_prod(module, io, g.unsqueeze(0), name, sum_batch=True)[0]
+
+    def batch_l2(self, module: Module, io: IO, g: Tensor, name: str) -> Tensor:
+        """Squared norms of the per-sample gradients ``[n]``."""
+        return self.batch_grad(module, io, g, name).flatten(1).square().sum(1)
+
+    def sum_grad_squared(self, module: Module, io: IO, g: Tensor, name: str) -> Tensor:
+        """Sum over samples of the squared per-sample gradients ``[*param]``."""
+        return self.batch_grad(module, io, g, name).square().sum(0)
+
+
+_RULES: dict[type, Rule] = {}
+
+
+def register(*module_types: type):
+    """Class decorator: use (an instance of) this rule for exactly these module types.
+
+    Users register rules for their own layers the same way; a later registration wins.
+    """
+
+    def deco(cls: type[Rule]) -> type[Rule]:
+        for t in module_types:
+            _RULES[t] = cls()
+        return cls
+
+    return deco
+
+
+def rule_for(module: Module) -> Rule | None:
+    """The rule registered for ``type(module)`` (exact type match), or None."""
+    return _RULES.get(type(module))
+
+
+def chunks(n: int, per_sample: int, budget: int = 1 << 24) -> list[slice]:
+    """Batch slices whose per-sample tensors of ``per_sample`` elements fit in ``budget``."""
+    step = max(1, budget // max(per_sample, 1))
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]

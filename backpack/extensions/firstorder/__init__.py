@@ -1,0 +1,71 @@
+"""First-order extensions: reductions of the per-sample gradients, from each module's output
+gradient alone (no backpropagated matrix, so they work on any graph).
+
+Scaling: the per-sample gradients are those of the actual loss, ``grad_batch.sum(0) == grad``;
+with ``reduction='mean'`` each carries the loss's ``1/N``.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+from torch.nn import Module
+
+from backpack.derivatives.base import IO, Rule
+from backpack.extensions.base import BackpropExtension, Call
+
+
+class FirstOrderExtension(BackpropExtension):
+    """Stores ``compute(...)`` for each trainable parameter of every module with a rule."""
+
+    savefield_default = ""
+
+    def __init__(self, subsampling: list[int] | None = None):
+        super().__init__(self.savefield_default, subsampling=subsampling)
+
+    def run(self, call: Call) -> None:
+        call.rule.check(call.module, call.io, self)
+        io, g = call.view(self.subsampling)
+        for name, param in call.params():
+            setattr(param, self.savefield, self.compute(call.rule, call.module, io, g, name))
+
+    def compute(self, rule: Rule, module: Module, io: IO, g: Tensor, name: str) -> Tensor:
+        """The quantity for parameter ``name`` from the output gradient ``g`` ``[n, *out]``."""
+        raise NotImplementedError
+
+
+class BatchGrad(FirstOrderExtension):
+    """Per-sample gradients ``grad_batch`` ``[N, *P]``; ``grad_batch.sum(0) == grad``."""
+
+    savefield_default = "grad_batch"
+
+    def compute(self, rule: Rule, module: Module, io: IO, g: Tensor, name: str) -> Tensor:
+        return rule.batch_grad(module, io, g, name)
+
+
+class BatchL2Grad(FirstOrderExtension):
+    """Squared norms of the per-sample gradients ``batch_l2`` ``[N]``, per parameter tensor."""
+
+    savefield_default = "batch_l2"
+
+    def compute(self, rule: Rule, module: Module, io: IO, g: Tensor, name: str) -> Tensor:
+        return rule.batch_l2(module, io, g, name)
+
+
+class SumGradSquared(FirstOrderExtension):
+    """Second moment ``sum_grad_squared = sum_n g_n**2`` ``[*P]``."""
+
+    savefield_default = "sum_grad_squared"
+
+    def compute(self, rule: Rule, module: Module, io: IO, g: Tensor, name: str) -> Tensor:
+        return rule.sum_grad_squared(module, io, g, name)
+
+
+class Variance(FirstOrderExtension):
+    """Biased variance of the per-sample gradients: ``(1/N) sum g_n**2 - ((1/N) sum g_n)**2``."""
+
+    savefield_default = "variance"
+
+    def compute(self, rule: Rule, module: Module, io: IO, g: Tensor, name: str) -> Tensor:
+        n = io.input0.shape[rule.batch_axis(module)]
+        second = rule.sum_grad_squared(module, io, g, name) / n
+        return second - (rule.grad(module, io, g, name) / n).square()
