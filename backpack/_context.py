@@ -84,9 +84,10 @@ class backpack:  # noqa: N801 (BackPACK's public name)
         )
 
     def __enter__(self) -> backpack:
-        self.old = {k: getattr(STATE, k) for k in self.new}
+        self.old = {k: getattr(STATE, k) for k in (*self.new, "flowing")}
         for k, v in self.new.items():
             setattr(STATE, k, v)
+        STATE.flowing = {}
         return self
 
     def __exit__(self, *exc) -> None:

@@ -20,6 +20,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from backpack._context import STATE, debug_log, logger
 from backpack.derivatives.base import IO, rule_for
 from backpack.extensions.base import Call, warn_no_rule
+from backpack.extensions.secondorder.base import run_streams
 
 _PENDING_KEYS: dict[Module, tuple] = {}  # in-place modules: input keys read before they run
 
@@ -27,15 +28,17 @@ _PENDING_KEYS: dict[Module, tuple] = {}  # in-place modules: input keys read bef
 class _Record:
     """What the backward driver needs of one forward call."""
 
-    __slots__ = ("module", "rule", "io", "in_keys")
+    __slots__ = ("module", "rule", "io", "in_keys", "out_nr")
 
     def __init__(self, module: Module, args: tuple, kwargs: dict, output: Any, in_keys: tuple):
         self.module = module
+        self.out_nr = output.output_nr if isinstance(output, Tensor) else 0
         self.rule = rule_for(module)
         keep_out = self.rule is None or self.rule.needs_output
-        # inputs are kept as they are (their graph lies upstream of this call's node); the
-        # output is detached, since a hook on it that references it would form a cycle
-        self.io = IO(args, _detach(output) if keep_out else None, kwargs)
+        # detached: a hook whose closure reaches its own node through a stored tensor (the
+        # output, or an input that a later in-place op ties to this call) is a leaking cycle
+        inputs = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
+        self.io = IO(inputs, _detach(output) if keep_out else None, kwargs and _detach(kwargs))
         self.in_keys = in_keys
 
     def release(self) -> None:
@@ -147,14 +150,17 @@ def _run(record: _Record, grads: tuple[Tensor, ...]) -> None:
             "retain_graph=True to backpack(...) as well as to backward()."
         )
     STATE.modules_run += 1
-    call = Call(module, record.rule, record.io, grads)
+    call = Call(module, record.rule, record.io, grads, record.in_keys, record.out_nr)
     if record.rule is None:
         for ext in exts:
             warn_no_rule(module, ext, STATE.strict, STATE.warned)
     else:
         for ext in exts:
             debug_log(f"Running extension {ext} on {module}")
-            ext.run(call)
+            if ext.stream is None:
+                ext.run(call)
+        if any(ext.stream is not None for ext in exts):
+            run_streams(call, exts, STATE.flowing)
     if STATE.extension_hook is not None:
         debug_log(f"Running extension hook on {module}")
         STATE.extension_hook(module)

@@ -192,8 +192,61 @@ LAYER_CASES: list[LayerCase] = [
     *_rnn_cases(),
 ]
 
+def _chain(name: str, layers: Callable[[], list[nn.Module]], *shape: int) -> LayerCase:
+    return LayerCase(name, lambda: nn.Sequential(*layers(), nn.Flatten(), nn.LazyLinear(3)), _randn(*shape))
+
+
+# parameter-free layers between parametrised ones: every layer's input Jacobian is exercised
+CHAIN_CASES: list[LayerCase] = [
+    *(
+        _chain(f"Linear-{act.__name__}-Linear", lambda act=act, kw=kw: [nn.Linear(4, 5), act(**kw), nn.Linear(5, 4)], 4)
+        for act, kw in [
+            (nn.ReLU, {}),
+            (nn.Sigmoid, {}),
+            (nn.Tanh, {}),
+            (nn.LeakyReLU, {"negative_slope": 0.1}),
+            (nn.LogSigmoid, {}),
+            (nn.ELU, {"alpha": 0.7}),
+            (nn.SELU, {}),
+            (nn.Identity, {}),
+            (nn.Dropout, {"p": 0.3}),
+        ]
+    ),
+    _chain("Linear-ReLUinplace-Linear", lambda: [nn.Linear(4, 5), nn.ReLU(inplace=True), nn.Linear(5, 4)], 4),
+    _chain("Linear-Sigmoid-extradims", lambda: [nn.Linear(4, 5), nn.Sigmoid(), nn.Linear(5, 2)], 3, 4),
+    _chain("Linear-BatchNorm1d-Tanh", lambda: [nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Tanh()], 4),
+    _chain("Linear-Unflatten-Conv1d", lambda: [nn.Linear(4, 6), nn.Unflatten(1, (2, 3)), nn.Conv1d(2, 2, 2)], 4),
+    _chain("Conv1d-MaxPool1d-Conv1d", lambda: [nn.Conv1d(2, 3, 2), nn.MaxPool1d(2, ceil_mode=True), nn.Conv1d(3, 2, 2)], 2, 8),
+    _chain("Conv1d-AvgPool1d-ConvT1d", lambda: [nn.Conv1d(2, 3, 2), nn.AvgPool1d(3, 2, padding=1, count_include_pad=False), nn.ConvTranspose1d(3, 2, 2, stride=2)], 2, 8),
+    _chain("Conv1d-AdaptiveAvgPool1d-Sigmoid", lambda: [nn.Conv1d(2, 3, 2), nn.AdaptiveAvgPool1d(3), nn.Sigmoid()], 2, 9),
+    _chain("Conv1d-ConstantPad1d-Conv1d", lambda: [nn.Conv1d(2, 3, 2), nn.ConstantPad1d((1, 2), 0.5), nn.Conv1d(3, 2, 3)], 2, 6),
+    _chain("Conv2d-MaxPool2d-Conv2d", lambda: [nn.Conv2d(2, 3, 3, padding=1), nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True), nn.Conv2d(3, 2, 2)], 2, 7, 7),
+    _chain("Conv2d-AvgPool2d-Tanh", lambda: [nn.Conv2d(2, 3, 2), nn.AvgPool2d(3, 2, count_include_pad=False, ceil_mode=True), nn.Tanh()], 2, 7, 6),
+    _chain("Conv2d-AdaptiveAvgPool2d-Conv2d", lambda: [nn.Conv2d(2, 3, 2), nn.AdaptiveAvgPool2d((3, 2)), nn.Conv2d(3, 2, 1)], 2, 8, 6),
+    _chain("Conv2d-AdaptiveMaxPool2d-ELU", lambda: [nn.Conv2d(2, 3, 2), nn.AdaptiveMaxPool2d(2), nn.ELU()], 2, 6, 5),
+    _chain("Conv2d-ZeroPad2d-Conv2d", lambda: [nn.Conv2d(2, 3, 2), nn.ZeroPad2d((1, 0, 2, 1)), nn.Conv2d(3, 2, 3, groups=1)], 2, 5, 5),
+    _chain("Conv2d-ConstantPad2d-ConvT2d", lambda: [nn.Conv2d(2, 4, 2), nn.ConstantPad2d(1, -0.3), nn.ConvTranspose2d(4, 2, 3, stride=2, groups=2)], 2, 4, 4),
+    _chain("Conv2d-BatchNorm2d-Sigmoid-Conv2d", lambda: [nn.Conv2d(2, 3, 2), nn.BatchNorm2d(3), nn.Sigmoid(), nn.Conv2d(3, 2, 2, stride=2, padding=1)], 2, 5, 5),
+    _chain("Conv3d-MaxPool3d-Conv3d", lambda: [nn.Conv3d(2, 2, 2), nn.MaxPool3d(2), nn.Conv3d(2, 2, 1)], 2, 5, 5, 4),
+    _chain("Conv3d-AvgPool3d-ConstantPad3d", lambda: [nn.Conv3d(2, 2, 2), nn.AvgPool3d(2, ceil_mode=True), nn.ConstantPad3d(1, 0.0)], 2, 4, 5, 4),
+    _chain("Conv3d-AdaptiveAvgPool3d-BatchNorm3d", lambda: [nn.Conv3d(2, 2, 2), nn.AdaptiveAvgPool3d((2, 1, 3)), nn.BatchNorm3d(2)], 2, 4, 4, 5),
+    _chain("ConvT2d-Sigmoid-ConvT2d", lambda: [nn.ConvTranspose2d(2, 3, 2), nn.Sigmoid(), nn.ConvTranspose2d(3, 2, 3, padding=1, dilation=2)], 2, 3, 3),
+    _chain("ConvT3d-Tanh-Conv3d", lambda: [nn.ConvTranspose3d(2, 2, 2), nn.Tanh(), nn.Conv3d(2, 2, 2, padding=1)], 2, 2, 2, 3),
+    LayerCase(
+        "Embedding-Linear-extradims",
+        lambda: nn.Sequential(nn.Embedding(7, 4), nn.Linear(4, 3), nn.Tanh(), nn.Flatten(), nn.LazyLinear(3)),
+        _embedding_input,
+    ),
+]
+
 # case-name substring -> why it is not expected to pass
 GAPS: dict[str, str] = {}
+SECOND_ORDER_GAPS: dict[str, str] = {
+    **GAPS,
+    "RNN": "second-order rules for recurrent layers are not written yet",
+    "LSTM": "second-order rules for recurrent layers are not written yet",
+    "GRU": "second-order rules for recurrent layers are not written yet",
+}
 
 
 def problems(cases: list[LayerCase] = LAYER_CASES) -> list[Problem]:

@@ -36,3 +36,51 @@ def per_sample_grads(model: nn.Module, lossfunc: nn.Module, x: Tensor, y: Tensor
     except (RuntimeError, NotImplementedError):
         rows = [grad(sample_loss)(params, x[i], y[i]) for i in range(x.shape[0])]
         return {k: torch.stack([r[k] for r in rows]) for k in params}
+
+
+def _functional(model: nn.Module):
+    params = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
+    buffers = dict(model.named_buffers())
+    return params, lambda p, x: functional_call(model, (p, buffers), (x,))
+
+
+def ggn_diag(model: nn.Module, lossfunc: nn.Module, x: Tensor, y: Tensor, per_sample: bool = False):
+    """GGN diagonal ``diag(J^T H J)`` from explicit Jacobians and the loss Hessian w.r.t. the output.
+
+    ``per_sample``: ``[n, *p]`` with sample n's Jacobian and its block of the loss Hessian.
+    """
+    params, f = _functional(model)
+    out = f(params, x)
+    jac = torch.func.jacrev(f)(params, x)  # name -> [*out, *p]
+    hess = torch.func.hessian(lambda o: lossfunc(o, y))(out).reshape(out.numel(), out.numel())
+    n, per = out.shape[0], out[0].numel()
+    result = {}
+    for name, p in params.items():
+        j = jac[name].reshape(out.numel(), p.numel())
+        if per_sample:
+            jn = j.reshape(n, per, -1)
+            hn = torch.stack([hess[i * per : (i + 1) * per, i * per : (i + 1) * per] for i in range(n)])
+            result[name] = torch.einsum("nap,nab,nbp->np", jn, hn, jn).reshape(n, *p.shape)
+        else:
+            result[name] = torch.einsum("ap,ab,bp->p", j, hess, j).reshape(p.shape)
+    return result
+
+
+def hessian_diag(model: nn.Module, lossfunc: nn.Module, x: Tensor, y: Tensor, per_sample: bool = False):
+    """Diagonal of the loss Hessian w.r.t. each parameter, by double backward (torch.func.hessian).
+
+    ``per_sample``: ``[n, *p]``, the Hessian diagonals of each sample's contribution to the loss.
+    """
+    params, f = _functional(model)
+    with torch.no_grad():
+        scale = loss_scale(lossfunc, f(params, x), y)
+    summed = type(lossfunc)(reduction="sum")
+
+    def diag(loss_fn, xs, ys):
+        h = torch.func.hessian(lambda p: loss_fn(f(p, xs), ys))(params)
+        return {k: h[k][k].reshape(p.numel(), p.numel()).diagonal().reshape(p.shape) for k, p in params.items()}
+
+    if not per_sample:
+        return diag(lossfunc, x, y)
+    rows = [diag(lambda o, t: scale * summed(o, t), x[i : i + 1], y[i : i + 1]) for i in range(x.shape[0])]
+    return {k: torch.stack([r[k] for r in rows]) for k in params}

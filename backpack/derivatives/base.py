@@ -45,6 +45,7 @@ class Rule:
     """Jacobian products of one module type (see the module docstring for shapes)."""
 
     needs_output = True  # store the module's output in forward (else only its inputs)
+    is_loss = False
 
     def batch_axis(self, module: Module) -> int:
         """Axis of the batch in the module's input, output and output gradient."""
@@ -76,10 +77,22 @@ class Rule:
     def jac_mat_prod(self, module: Module, io: IO, mat: Tensor) -> Tensor:
         raise NotImplementedError(f"{type(self).__name__} has no jac_mat_prod")
 
+    def residual_diag(self, module: Module, io: IO, g: Tensor) -> Tensor | None:
+        """Hessian residual ``d2out/din2 . g`` as a diagonal ``[n, *in]``, for an elementwise
+        layer ``f``: ``f''(x) * g``. None where the layer is (piecewise) linear in its input."""
+        return None
+
     def param_jac_t_mat_prod(
         self, module: Module, io: IO, mat: Tensor, name: str, sum_batch: bool = True
     ) -> Tensor:
         raise NotImplementedError(f"{type(self).__name__} has no parameter Jacobian")
+
+    def param_diag(
+        self, module: Module, io: IO, mat: Tensor, name: str, sum_batch: bool = True
+    ) -> Tensor:
+        """``sum_v (J^T mat)_v ** 2``: ``[v, n, *out] -> [(n,) *param]``, a GGN diagonal block."""
+        out = self.param_jac_t_mat_prod(module, io, mat, name, sum_batch=False).square().sum(0)
+        return out.sum(0) if sum_batch else out
 
     # first-order quantities; ``g`` is the gradient w.r.t. the output, [n, *out]
     def batch_grad(self, module: Module, io: IO, g: Tensor, name: str) -> Tensor:
@@ -105,6 +118,25 @@ class Rule:
     def sum_grad_squared(self, module: Module, io: IO, g: Tensor, name: str) -> Tensor:
         """Sum over samples of the squared per-sample gradients ``[*param]``."""
         return self.batch_grad(module, io, g, name).square().sum(0)
+
+
+class LossRule(Rule):
+    """Rule of a loss module (inputs: model output, target): roots of the second-order backward.
+
+    ``S = sqrt_hessian(...)`` ``[c, n, *out]`` satisfies ``sum_c S_c S_c^T = d2 loss / d out2``
+    (the reduction's normaliser included: each column carries ``1/sqrt(normaliser)``).
+    """
+
+    is_loss = True
+
+    def sqrt_hessian(self, module: Module, io: IO) -> Tensor:
+        """Exact symmetric factor of the loss Hessian w.r.t. the model output ``[c, n, *out]``."""
+        raise NotImplementedError
+
+    def sqrt_hessian_sampled(self, module: Module, io: IO, mc_samples: int) -> Tensor:
+        """Monte-Carlo factor ``[m, n, *out]`` (targets drawn from the model's likelihood,
+        scaled by ``1/sqrt(m)``) whose outer product has the loss Hessian as expectation."""
+        raise NotImplementedError
 
 
 _RULES: dict[type, Rule] = {}

@@ -65,15 +65,33 @@ class LinearFormRule(Rule):
         return super().batch_l2(module, io, g, name)
 
     def sum_grad_squared(self, module: Module, io: IO, g: Tensor, name: str) -> Tensor:
-        """``sum_n (sum_s b a^T)^2``; one position: ``sum_n b^2 a^T^2``; else batch chunks."""
-        if name == "bias" or ("batch_grad", name) in io.cache:
+        """``sum_n (sum_s b a^T)^2``: the diagonal below with the gradient as only column."""
+        if ("batch_grad", name) in io.cache:
             return super().sum_grad_squared(module, io, g, name)
-        a, b = self._factors1(module, io, g)
+        return self.param_diag(module, io, g.unsqueeze(0), name)
+
+    def param_diag(
+        self, module: Module, io: IO, mat: Tensor, name: str, sum_batch: bool = True
+    ) -> Tensor:
+        """``sum_v (sum_s b_v a_v^T)^2`` ``[v, n, *out] -> [(n,) *param]``.
+
+        One position: ``sum_v b_v^2 a_v^2`` without per-sample matrices; else in batch chunks.
+        """
+        if name == "bias":
+            out = self.bias_jac_t(module, mat).square().sum(0)
+            return out.sum(0) if sum_batch else out
+        a, b = self.factors(module, io, mat)
+        v = max(a.shape[0], b.shape[0])
+        a, b = a.expand(v, *a.shape[1:]), b.expand(v, *b.shape[1:])
+        lead = () if sum_batch else (a.shape[1],)
         if a.shape[-1] == 1:
-            out = torch.einsum("ngb,nga->gba", b[..., 0].square(), a[..., 0].square())
-            return out.reshape(module.weight.shape)
-        n, groups, dim_a, _ = a.shape
-        out = 0
-        for idx in chunks(n, groups * dim_a * b.shape[2]):
-            out = out + torch.einsum("ngbs,ngas->ngba", b[idx], a[idx]).square().sum(0)
-        return out.reshape(module.weight.shape)
+            eq = "vngb,vnga->gba" if sum_batch else "vngb,vnga->ngba"
+            out = torch.einsum(eq, b[..., 0].square(), a[..., 0].square())
+            return out.reshape(*lead, *module.weight.shape)
+        _, n, groups, dim_a, _ = a.shape
+        parts = [
+            torch.einsum("vngbs,vngas->vngba", b[:, idx], a[:, idx]).square().sum(0)
+            for idx in chunks(n, v * groups * dim_a * b.shape[3])
+        ]
+        out = sum(p.sum(0) for p in parts) if sum_batch else torch.cat(parts)
+        return out.reshape(*lead, *module.weight.shape)

@@ -2,5 +2,24 @@
 
 from backpack.extensions.base import BackpropExtension
 from backpack.extensions.firstorder import BatchGrad, BatchL2Grad, SumGradSquared, Variance
+from backpack.extensions.secondorder.diag_ggn import (
+    BatchDiagGGNExact,
+    BatchDiagGGNMC,
+    DiagGGNExact,
+    DiagGGNMC,
+)
+from backpack.extensions.secondorder.diag_hessian import BatchDiagHessian, DiagHessian
 
-__all__ = ["BackpropExtension", "BatchGrad", "BatchL2Grad", "SumGradSquared", "Variance"]
+__all__ = [
+    "BackpropExtension",
+    "BatchGrad",
+    "BatchL2Grad",
+    "SumGradSquared",
+    "Variance",
+    "DiagGGNExact",
+    "DiagGGNMC",
+    "BatchDiagGGNExact",
+    "BatchDiagGGNMC",
+    "DiagHessian",
+    "BatchDiagHessian",
+]

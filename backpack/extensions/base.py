@@ -6,6 +6,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor
 from torch.nn import Module, Parameter
 
@@ -20,7 +21,14 @@ class Call:
     rule: Rule | None
     io: IO
     grads: tuple[Tensor, ...]  # gradients w.r.t. the module's outputs
+    in_keys: tuple = ()  # autograd identity of each input: (node, output index) or None
+    out_nr: int = 0  # output index of the module's output in its autograd node
     _views: dict = field(default_factory=dict)
+
+    @property
+    def out_key(self) -> tuple:
+        """Autograd identity of the output; valid inside the backward hook only."""
+        return (torch._C._current_autograd_node(), self.out_nr)
 
     @property
     def g(self) -> Any:
@@ -52,6 +60,8 @@ class BackpropExtension:
             stays that of the full batch).
     """
 
+    stream = None  # what flows backward (second-order extensions); None: output gradient only
+
     def __init__(self, savefield: str, subsampling: list[int] | None = None):
         self.savefield = savefield
         self.subsampling = subsampling
@@ -73,7 +83,18 @@ class BackpropExtension:
 
 
 def warn_no_rule(module: Module, ext: BackpropExtension, strict: bool, seen: set) -> None:
-    """Warn once per (module type, extension) that a parametrised module has no rule."""
+    """Warn once per (module type, extension) that a parametrised module has no rule.
+
+    Raises:
+        NotImplementedError: for second-order extensions (they must pass every module) and in
+            strict mode.
+    """
+    if ext.stream is not None:
+        raise NotImplementedError(
+            f"{type(ext).__name__}: no rule for module type {type(module).__name__} ({module}), "
+            "and second-order quantities must be backpropagated through every module. Register "
+            f"one with @backpack.register({type(module).__name__}) on a Rule subclass."
+        )
     names = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
     if not names:
         return

@@ -1,0 +1,1 @@
+"""Second-order extensions: curvature from matrices backpropagated from the loss."""

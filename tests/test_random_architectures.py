@@ -1,0 +1,65 @@
+"""Random Sequential architectures drawn by hypothesis, checked against the vmap(grad) oracle."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from backpack import backpack, extend
+from backpack.extensions import BatchGrad, BatchL2Grad, SumGradSquared, Variance
+from tests.cases import LOSSES, make_target
+from tests.oracles import per_sample_grads
+
+ACTIVATIONS = [nn.ReLU, nn.Tanh, nn.Sigmoid, nn.ELU, nn.Identity]
+
+
+@st.composite
+def architectures(draw):
+    """``(layers, input shape)``: optional conv blocks, then dense blocks, ending in 3 outputs."""
+    layers: list[nn.Module] = []
+    channels = draw(st.integers(1, 3))
+    conv_blocks = draw(st.integers(0, 2))
+    shape: tuple[int, ...] = (channels, 6, 6) if conv_blocks else (draw(st.integers(1, 6)),)
+    for _ in range(conv_blocks):
+        out = draw(st.integers(1, 4))
+        groups = draw(st.sampled_from([g for g in (1, 2) if channels % g == 0 and out % g == 0]))
+        layers.append(nn.Conv2d(channels, out, 3, padding=draw(st.integers(0, 1)), groups=groups))
+        layers.append(draw(st.sampled_from(ACTIVATIONS))())
+        channels = out
+    if conv_blocks:
+        layers.append(nn.Flatten())
+    for _ in range(draw(st.integers(0, 2))):
+        layers.append(nn.LazyLinear(draw(st.integers(1, 6)), bias=draw(st.booleans())))
+        layers.append(draw(st.sampled_from(ACTIVATIONS))())
+    layers.append(nn.LazyLinear(3))
+    return layers, shape
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    arch=architectures(),
+    loss=st.sampled_from(sorted(LOSSES)),
+    reduction=st.sampled_from(["mean", "sum"]),
+    n=st.integers(1, 4),
+    seed=st.integers(0, 2**16),
+)
+def test_random_architecture_first_order(arch, loss, reduction, n, seed):
+    layers, shape = arch
+    torch.manual_seed(seed)
+    model = nn.Sequential(*layers).double()
+    x = torch.randn(n, *shape, dtype=torch.float64)
+    with torch.no_grad():
+        y = make_target(loss, model(x))
+    lossfunc = LOSSES[loss](reduction=reduction)
+    ref = per_sample_grads(model, lossfunc, x, y)
+    extend(model)
+    with backpack(BatchGrad(), BatchL2Grad(), SumGradSquared(), Variance()):
+        lossfunc(model(x), y).backward()
+    for name, p in model.named_parameters():
+        gb = ref[name]
+        torch.testing.assert_close(p.grad_batch, gb)
+        torch.testing.assert_close(p.batch_l2, gb.flatten(1).square().sum(1))
+        torch.testing.assert_close(p.sum_grad_squared, gb.square().sum(0))
+        torch.testing.assert_close(p.variance, gb.var(0, unbiased=False))

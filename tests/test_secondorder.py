@@ -1,0 +1,90 @@
+"""Second-order diagonals against float64 oracles (explicit Jacobians, double backward)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from backpack import backpack, extend
+from backpack.extensions import (
+    BatchDiagGGNExact,
+    BatchDiagGGNMC,
+    BatchDiagHessian,
+    DiagGGNExact,
+    DiagGGNMC,
+    DiagHessian,
+)
+from tests.cases import CHAIN_CASES, DEVICES, LAYER_CASES, SECOND_ORDER_GAPS, problems
+from tests.oracles import ggn_diag, hessian_diag
+
+PROBLEMS = problems(LAYER_CASES + CHAIN_CASES)
+
+
+def _skip_gaps(problem) -> None:
+    for key, why in SECOND_ORDER_GAPS.items():
+        if key in problem.id:
+            pytest.xfail(why)
+
+
+def _run(problem, exts, device="cpu"):
+    model, lossfunc, x, y = problem.build(device)
+    extend(model)
+    extend(lossfunc)
+    torch.manual_seed(3)
+    with backpack(*exts):
+        lossfunc(model(x), y).backward()
+    return model, lossfunc, x, y
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("problem", PROBLEMS, ids=lambda p: p.id)
+def test_diagonals_match_oracles(problem, device):
+    _skip_gaps(problem)
+    exts = [DiagGGNExact(), BatchDiagGGNExact(), DiagHessian(), BatchDiagHessian()]
+    model, lossfunc, x, y = _run(problem, exts, device)
+    ggn = ggn_diag(model, lossfunc, x, y)
+    ggn_n = ggn_diag(model, lossfunc, x, y, per_sample=True)
+    hess = hessian_diag(model, lossfunc, x, y)
+    hess_n = hessian_diag(model, lossfunc, x, y, per_sample=True)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.diag_ggn_exact, ggn[name])
+        torch.testing.assert_close(p.diag_ggn_exact_batch, ggn_n[name])
+        torch.testing.assert_close(p.diag_h, hess[name])
+        torch.testing.assert_close(p.diag_h_batch, hess_n[name])
+
+
+MC_PROBLEMS = [
+    p for p in problems(CHAIN_CASES[:4] + LAYER_CASES[3:4]) if p.n == 3 and p.reduction == "mean"
+]
+
+
+@pytest.mark.parametrize("problem", MC_PROBLEMS, ids=lambda p: p.id)
+def test_mc_converges_to_exact_and_is_reproducible(problem):
+    _skip_gaps(problem)
+    model, *_ = _run(problem, [DiagGGNMC(mc_samples=20000), BatchDiagGGNMC(mc_samples=20000), DiagGGNExact()])
+    first = {n: p.diag_ggn_mc.clone() for n, p in model.named_parameters()}
+    for name, p in model.named_parameters():
+        assert p.diag_ggn_mc_batch.shape == (problem.n, *p.shape)
+        torch.testing.assert_close(p.diag_ggn_mc_batch.sum(0), p.diag_ggn_mc)  # one shared sample
+        scale = p.diag_ggn_exact.abs().max()
+        torch.testing.assert_close(p.diag_ggn_mc, p.diag_ggn_exact, atol=0.05 * scale, rtol=0.1)
+    model, *_ = _run(problem, [DiagGGNMC(mc_samples=20000)])
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.diag_ggn_mc, first[name])  # torch.manual_seed reproduces
+
+
+SUB = [p for p in problems(CHAIN_CASES[:3]) if p.n == 3 and p.loss == "ce"]
+
+
+@pytest.mark.parametrize("problem", SUB, ids=lambda p: p.id)
+def test_subsampling_second_order(problem):
+    idx = [2, 0, 0]
+    model, lossfunc, x, y = _run(
+        problem, [BatchDiagGGNExact(subsampling=idx), DiagGGNExact(subsampling=idx), BatchDiagHessian(subsampling=idx)]
+    )
+    ggn_n = ggn_diag(model, lossfunc, x, y, per_sample=True)
+    hess_n = hessian_diag(model, lossfunc, x, y, per_sample=True)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.diag_ggn_exact_batch, ggn_n[name][idx])
+        torch.testing.assert_close(p.diag_ggn_exact, ggn_n[name][idx].sum(0))
+        torch.testing.assert_close(p.diag_h_batch, hess_n[name][idx])
