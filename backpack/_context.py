@@ -24,7 +24,8 @@ class _State:
     store_io: bool = True
     strict: bool = False
     warned: set = field(default_factory=set)  # (module type, extension) pairs warned about
-    flowing: dict = field(default_factory=dict)  # (autograd node, output index) -> backpropagated
+    flowing: dict = field(default_factory=dict)
+    pass_modules: set = field(default_factory=set)  # modules reached in the current backward  # (autograd node, output index) -> backpropagated
 
 
 STATE = _State()
@@ -84,10 +85,10 @@ class backpack:  # noqa: N801 (BackPACK's public name)
         )
 
     def __enter__(self) -> backpack:
-        self.old = {k: getattr(STATE, k) for k in (*self.new, "flowing")}
+        self.old = {k: getattr(STATE, k) for k in (*self.new, "flowing", "pass_modules")}
         for k, v in self.new.items():
             setattr(STATE, k, v)
-        STATE.flowing = {}
+        STATE.flowing, STATE.pass_modules = {}, set()
         return self
 
     def __exit__(self, *exc) -> None:

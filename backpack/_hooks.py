@@ -121,9 +121,12 @@ class _Joint(torch.autograd.Function):
     """Identity on several outputs whose backward sees all their gradients at once."""
 
     @staticmethod
-    def forward(ctx: Any, run: Any, *tensors: Tensor) -> tuple[Tensor, ...]:
-        ctx.run = run
+    def forward(run: Any, *tensors: Tensor) -> tuple[Tensor, ...]:
         return tuple(t.view_as(t) for t in tensors)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Any) -> None:
+        ctx.run = inputs[0]
 
     @staticmethod
     def backward(ctx: Any, *grads: Tensor) -> tuple:
@@ -150,6 +153,16 @@ def _run(record: _Record, grads: tuple[Tensor, ...]) -> None:
             "retain_graph=True to backpack(...) as well as to backward()."
         )
     STATE.modules_run += 1
+    if not STATE.pass_modules:
+        torch.autograd.Variable._execution_engine.queue_callback(STATE.pass_modules.clear)
+    if module in STATE.pass_modules:
+        STATE.pass_modules.clear()
+        raise NotImplementedError(
+            f"backpack: {module} was called several times in one forward pass (weight tying, "
+            "reuse); summing the contributions of every call is not supported yet. Use a "
+            "separate module per call."
+        )
+    STATE.pass_modules.add(module)
     call = Call(module, record.rule, record.io, grads, record.in_keys, record.out_nr)
     if record.rule is None:
         for ext in exts:

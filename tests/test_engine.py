@@ -276,3 +276,15 @@ def test_reduction_none_with_backward_of_ones():
         lossfunc(model(x), y).backward(torch.ones(3, dtype=torch.float64))
     ref = per_sample_grads(model, nn.CrossEntropyLoss(reduction="sum"), x, y)
     torch.testing.assert_close(model[0].weight.grad_batch, ref["0.weight"])
+
+
+def test_module_reuse_raises_instead_of_wrong_numbers():
+    lin = nn.Linear(4, 4).double()
+    model, lossfunc = extend(nn.Sequential(lin, nn.ReLU(), lin)), extend(nn.CrossEntropyLoss())
+    x, y = _data()
+    y = y % 4
+    with pytest.raises(NotImplementedError, match="called several times"):
+        with backpack(BatchGrad()):
+            lossfunc(model(x), y).backward()
+    with backpack(BatchGrad()):  # the next pass starts clean
+        lossfunc(extend(_mlp())(x), y % 3).backward()

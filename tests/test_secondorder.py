@@ -88,3 +88,25 @@ def test_subsampling_second_order(problem):
         torch.testing.assert_close(p.diag_ggn_exact_batch, ggn_n[name][idx])
         torch.testing.assert_close(p.diag_ggn_exact, ggn_n[name][idx].sum(0))
         torch.testing.assert_close(p.diag_h_batch, hess_n[name][idx])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("options", [{}, {"weight": [0.5, 2.0, 1.0], "ignore_index": 1}])
+def test_log_softmax_nll_equals_cross_entropy(reduction, options):
+    """LogSoftmax -> NLLLoss: the pair's GGN (= cross-entropy's) and the exact Hessian."""
+    torch.manual_seed(0)
+    kw = {k: torch.tensor(v, dtype=torch.float64) if k == "weight" else v for k, v in options.items()}
+    logits = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).double()
+    model = torch.nn.Sequential(logits, torch.nn.LogSoftmax(dim=1))
+    nll = torch.nn.NLLLoss(reduction=reduction, **kw)
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 2, 0])
+    extend(model)
+    with backpack(DiagGGNExact(), DiagHessian(), BatchDiagGGNExact()):
+        extend(nll)(model(x), y).backward()
+    ce = torch.nn.CrossEntropyLoss(reduction=reduction, **kw)
+    ggn = ggn_diag(logits, ce, x, y)
+    hess = hessian_diag(model, nll, x, y)
+    for name, p in logits.named_parameters():
+        torch.testing.assert_close(p.diag_ggn_exact, ggn[name])
+        torch.testing.assert_close(p.diag_h, hess["0." + name])
+        torch.testing.assert_close(p.diag_ggn_exact_batch.sum(0), ggn[name])

@@ -1,3 +1,16 @@
 """Rules (Jacobian products) per module type; importing this package registers them all."""
 
-from backpack.derivatives import linear  # noqa: F401
+from backpack.derivatives import (
+    batchnorm,  # noqa: F401
+    conv,  # noqa: F401
+    conv_transpose,  # noqa: F401
+    elementwise,  # noqa: F401
+    embedding,  # noqa: F401
+    linear,  # noqa: F401
+    losses,  # noqa: F401
+    padding,  # noqa: F401
+    pooling,  # noqa: F401
+    rnn,  # noqa: F401
+    shape_ops,  # noqa: F401
+    softmax,  # noqa: F401
+)

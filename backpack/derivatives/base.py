@@ -161,6 +161,13 @@ def rule_for(module: Module) -> Rule | None:
     return _RULES.get(type(module))
 
 
+def diag_columns(root: Tensor) -> Tensor:
+    """``[n, *out] -> [d, n, *out]``, ``d = prod(out)``: column ``i`` is ``root`` at entry ``i``."""
+    n, shape = root.shape[0], root.shape[1:]
+    flat = root.reshape(n, -1)
+    return torch.diag_embed(flat).permute(2, 0, 1).reshape(flat.shape[1], n, *shape)
+
+
 def chunks(n: int, per_sample: int, budget: int = 1 << 24) -> list[slice]:
     """Batch slices whose per-sample tensors of ``per_sample`` elements fit in ``budget``."""
     step = max(1, budget // max(per_sample, 1))

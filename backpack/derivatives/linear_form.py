@@ -51,6 +51,17 @@ class LinearFormRule(Rule):
             io.cache[key] = (a[0], b[0])
         return io.cache[key]
 
+    def _batch_grad_chunks(self, module: Module, io: IO, g: Tensor):
+        """Per-sample weight gradients ``[n', g, B, A]`` in batch chunks of bounded memory."""
+        a, b = self._factors1(module, io, g)
+        n, groups, dim_a, _ = a.shape
+        for idx in chunks(n, groups * dim_a * b.shape[2], budget=1 << 20):
+            yield torch.einsum("ngbs,ngas->ngba", b[idx], a[idx])
+
+    def grad(self, module: Module, io: IO, g: Tensor, name: str) -> Tensor:
+        key = ("grad", name)  # left by sum_grad_squared (Variance needs both)
+        return io.cache[key] if key in io.cache else super().grad(module, io, g, name)
+
     def batch_l2(self, module: Module, io: IO, g: Tensor, name: str) -> Tensor:
         """``||sum_s b_s a_s^T||^2`` per sample, by a Gram contraction over positions if cheaper."""
         if name == "bias" or ("batch_grad", name) in io.cache:
@@ -62,36 +73,20 @@ class LinearFormRule(Rule):
             gram_a = torch.einsum("ngas,ngat->ngst", a, a)
             gram_b = torch.einsum("ngbs,ngbt->ngst", b, b)
             return (gram_a * gram_b).flatten(1).sum(1)
-        return super().batch_l2(module, io, g, name)
+        parts = self._batch_grad_chunks(module, io, g)
+        return torch.cat([part.square_().flatten(1).sum(1) for part in parts])
 
     def sum_grad_squared(self, module: Module, io: IO, g: Tensor, name: str) -> Tensor:
-        """``sum_n (sum_s b a^T)^2``: the diagonal below with the gradient as only column."""
-        if ("batch_grad", name) in io.cache:
+        """``sum_n (sum_s b a^T)^2``; one position: ``sum_n b^2 a^T^2``; else batch chunks."""
+        if name == "bias" or ("batch_grad", name) in io.cache:
             return super().sum_grad_squared(module, io, g, name)
-        return self.param_diag(module, io, g.unsqueeze(0), name)
-
-    def param_diag(
-        self, module: Module, io: IO, mat: Tensor, name: str, sum_batch: bool = True
-    ) -> Tensor:
-        """``sum_v (sum_s b_v a_v^T)^2`` ``[v, n, *out] -> [(n,) *param]``.
-
-        One position: ``sum_v b_v^2 a_v^2`` without per-sample matrices; else in batch chunks.
-        """
-        if name == "bias":
-            out = self.bias_jac_t(module, mat).square().sum(0)
-            return out.sum(0) if sum_batch else out
-        a, b = self.factors(module, io, mat)
-        v = max(a.shape[0], b.shape[0])
-        a, b = a.expand(v, *a.shape[1:]), b.expand(v, *b.shape[1:])
-        lead = () if sum_batch else (a.shape[1],)
+        a, b = self._factors1(module, io, g)
         if a.shape[-1] == 1:
-            eq = "vngb,vnga->gba" if sum_batch else "vngb,vnga->ngba"
-            out = torch.einsum(eq, b[..., 0].square(), a[..., 0].square())
-            return out.reshape(*lead, *module.weight.shape)
-        _, n, groups, dim_a, _ = a.shape
-        parts = [
-            torch.einsum("vngbs,vngas->vngba", b[:, idx], a[:, idx]).square().sum(0)
-            for idx in chunks(n, v * groups * dim_a * b.shape[3])
-        ]
-        out = sum(p.sum(0) for p in parts) if sum_batch else torch.cat(parts)
-        return out.reshape(*lead, *module.weight.shape)
+            out = torch.einsum("ngb,nga->gba", b[..., 0].square(), a[..., 0].square())
+            return out.reshape(module.weight.shape)
+        total, out = 0, 0
+        for part in self._batch_grad_chunks(module, io, g):
+            total = total + part.sum(0)
+            out = out + part.square_().sum(0)
+        io.cache[("grad", name)] = total.reshape(module.weight.shape)
+        return out.reshape(module.weight.shape)

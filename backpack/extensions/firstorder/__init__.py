@@ -23,9 +23,12 @@ class FirstOrderExtension(BackpropExtension):
         super().__init__(self.savefield_default, subsampling=subsampling)
 
     def run(self, call: Call) -> None:
+        params = call.params()
+        if not params:
+            return
         call.rule.check(call.module, call.io, self)
         io, g = call.view(self.subsampling)
-        for name, param in call.params():
+        for name, param in params:
             setattr(param, self.savefield, self.compute(call.rule, call.module, io, g, name))
 
     def compute(self, rule: Rule, module: Module, io: IO, g: Tensor, name: str) -> Tensor:

@@ -1,9 +1,9 @@
 """Second-order machinery: quantities that flow backward from the loss through every module.
 
-A *stream* says what flows (a square root of the loss Hessian, exact or sampled; for the Hessian also
-the residual terms of curved layers), how it starts at a loss and how it passes a module. Extensions
-that need the same stream share one backpropagation of it. Flowing values are keyed by the autograd
-identity ``(node, output index)`` of the tensor they belong to.
+A *stream* says what flows (a square root of the loss Hessian, exact or sampled; for the
+Hessian also the residual terms of curved layers), how it starts at a loss and how it passes a
+module. Extensions that need the same stream share one backpropagation of it. Flowing values are
+keyed by the autograd identity ``(node, output index)`` of the tensor they belong to.
 """
 
 from __future__ import annotations
@@ -15,65 +15,52 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from backpack.derivatives.base import diag_columns
 from backpack.extensions.base import BackpropExtension, Call
 
 
 @dataclass(frozen=True)
-class SqrtGGNStream:
-    """``S [v, n, *out]`` with ``S S^T`` the GGN w.r.t. a module's output (``mc_samples``: MC)."""
+class Stream:
+    """Signed factors ``{origin: (sign, S [v, n, *out])}``; ``sum sign S S^T`` is the curvature
+    w.r.t. a module's output.
 
-    mc_samples: int | None = None
-
-    def start(self, call: Call) -> Tensor:
-        if self.mc_samples is None:
-            return call.rule.sqrt_hessian(call.module, call.io)
-        return call.rule.sqrt_hessian_sampled(call.module, call.io, self.mc_samples)
-
-    def propagate(self, call: Call, mat: Tensor) -> Tensor:
-        return call.rule.jac_t_mat_prod(call.module, call.io, mat)
-
-    def scale(self, mat: Tensor, factor: float) -> Tensor:
-        return mat * factor
-
-    def accumulate(self, old: Tensor, new: Tensor) -> Tensor:
-        return old + new
-
-
-@dataclass(frozen=True)
-class SqrtHessianStream:
-    """Signed factors ``{origin: (sign, S)}`` with ``sum sign S S^T`` the Hessian w.r.t. an output.
-
-    The loss contributes its exact factor; each curved elementwise layer adds its residual
-    ``diag(f'' g)`` split into positive and negative parts (diagonal factors over the input).
+    Each loss is an origin with its exact (or, with ``mc_samples``, sampled) factor. Factors of one
+    origin that reach a tensor along several paths are summed; different origins stay separate
+    (their columns are unrelated). With ``residuals`` (the Hessian instead of the GGN) each curved
+    elementwise layer adds its residual ``diag(f'' g)``, split into positive and negative parts.
     """
 
-    def start(self, call: Call) -> dict:
-        return {"loss": (1.0, call.rule.sqrt_hessian(call.module, call.io))}
+    mc_samples: int | None = None
+    residuals: bool = False
+
+    def start(self, call: Call, scale: float) -> dict:
+        if self.mc_samples is None:
+            root = call.rule.sqrt_hessian(call.module, call.io)
+        else:
+            root = call.rule.sqrt_hessian_sampled(call.module, call.io, self.mc_samples)
+        tag = getattr(call.rule, "origin_tag", None)
+        origin = (tag, id(call.io)) if tag else id(call.io)
+        return {origin: (1.0, root if scale == 1.0 else root * scale**0.5)}
 
     def propagate(self, call: Call, terms: dict) -> dict:
-        out = {o: (s, call.rule.jac_t_mat_prod(call.module, call.io, m)) for o, (s, m) in terms.items()}
-        residual = call.rule.residual_diag(call.module, call.io, call.g)
+        jac_t = call.rule.jac_t_mat_prod
+        out = {o: (s, jac_t(call.module, call.io, m)) for o, (s, m) in terms.items()}
+        tag = getattr(call.rule, "closes_tag", None)
+        if tag and all(isinstance(o, tuple) and o[0] == tag for o in out):
+            return {o[1]: t for o, t in out.items()}  # the loss already holds this residual
+        residual = call.rule.residual_diag(call.module, call.io, call.g) if self.residuals else None
         if residual is not None:
             for sign, part in ((1.0, residual.clamp(min=0)), (-1.0, (-residual).clamp(min=0))):
                 if part.any():
-                    out[(id(call), sign)] = (sign, _diag_factor(part.sqrt()))
+                    out[(id(call.io), sign)] = (sign, diag_columns(part.sqrt()))
         return out
 
-    def scale(self, terms: dict, factor: float) -> dict:
-        return {o: (s, m * factor) for o, (s, m) in terms.items()}
-
-    def accumulate(self, old: dict, new: dict) -> dict:
+    @staticmethod
+    def accumulate(old: dict, new: dict) -> dict:
         merged = dict(old)
         for o, (s, m) in new.items():
             merged[o] = (s, merged[o][1] + m) if o in merged else (s, m)
         return merged
-
-
-def _diag_factor(root: Tensor) -> Tensor:
-    """``[n, *in] -> [d, n, *in]`` with ``d = prod(in)``: column d holds ``root`` at entry d."""
-    n, shape = root.shape[0], root.shape[1:]
-    flat = root.reshape(n, -1)
-    return torch.diag_embed(flat).permute(1, 0, 2).reshape(flat.shape[1], n, *shape)
 
 
 class SecondOrderExtension(BackpropExtension):
@@ -82,9 +69,16 @@ class SecondOrderExtension(BackpropExtension):
     def expects_backpropagation_quantities(self) -> bool:
         return True
 
-    def param_value(self, call: Call, io: Any, flowing: Any, name: str) -> Tensor:
-        """The quantity for parameter ``name`` (``io`` and ``flowing`` possibly subsampled)."""
-        raise NotImplementedError
+    sum_batch = True
+
+    def param_value(self, call: Call, io: Any, terms: dict, name: str) -> Tensor:
+        """``sum_k sign_k diag(J^T S_k S_k^T J)`` for parameter ``name`` (per sample unless
+        ``sum_batch``); ``io`` and ``terms`` possibly subsampled. Override for other reductions."""
+        diag = call.rule.param_diag
+        return sum(
+            sign * diag(call.module, io, mat, name, sum_batch=self.sum_batch)
+            for sign, mat in terms.values()
+        )
 
     def store(self, call: Call, flowing: Any) -> None:
         call.rule.check(call.module, call.io, self)
@@ -99,9 +93,7 @@ def _subsample(call: Call, flowing: Any, idx: list[int] | None) -> tuple[Any, An
         return call.io, flowing
     index = torch.tensor(idx, device=call.grads[0].device)
     io, _ = call.rule.subsample(call.module, call.io, call.grads[0], idx)
-    if isinstance(flowing, dict):
-        return io, {o: (s, m.index_select(1, index)) for o, (s, m) in flowing.items()}
-    return io, flowing.index_select(1, index)
+    return io, {o: (s, m.index_select(1, index)) for o, (s, m) in flowing.items()}
 
 
 def _missing(call: Call, exts: list[BackpropExtension]) -> RuntimeError:
@@ -150,10 +142,7 @@ def run_streams(call: Call, exts: tuple[BackpropExtension, ...], flowing: dict) 
     for stream, group in groups.items():
         if call.rule.is_loss:  # the root: what flows into the loss's input
             call.rule.check(call.module, call.io, group[0])
-            new = stream.start(call)
-            factor = _loss_scale(call)
-            if factor != 1.0:
-                new = stream.scale(new, factor**0.5)
+            new = stream.start(call, _loss_scale(call))
         else:
             value = flowing.pop((stream, *call.out_key), None)
             if value is None:

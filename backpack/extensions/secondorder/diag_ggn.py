@@ -6,21 +6,13 @@ Hessian (exact: ``c`` columns; MC: ``mc_samples`` sampled columns scaled by ``1/
 
 from __future__ import annotations
 
-from torch import Tensor
-
-from backpack.extensions.base import Call
-from backpack.extensions.secondorder.base import SecondOrderExtension, SqrtGGNStream
+from backpack.extensions.secondorder.base import SecondOrderExtension, Stream
 
 
 class _DiagGGN(SecondOrderExtension):
-    sum_batch = True
-
     def __init__(self, savefield: str, mc_samples: int | None, subsampling: list[int] | None):
         super().__init__(savefield, subsampling=subsampling)
-        self.stream = SqrtGGNStream(mc_samples)
-
-    def param_value(self, call: Call, io, mat: Tensor, name: str) -> Tensor:
-        return call.rule.param_diag(call.module, io, mat, name, sum_batch=self.sum_batch)
+        self.stream = Stream(mc_samples)
 
 
 class DiagGGNExact(_DiagGGN):

@@ -1,0 +1,125 @@
+"""The elementwise family: activations and dropout, ``out = f(x)`` entry by entry.
+
+A rule of this family gives only ``f'`` and ``f''``; the Jacobian is ``diag(f'(x))`` and the
+Hessian residual of the layer is ``diag(f''(x) * g)``. ``f''`` of None marks a piecewise linear
+layer (its Hessian residual is zero).
+
+In-place layers (``inplace=True``) overwrite their input with their output, so ``io.inputs[0]``
+then holds ``y = f(x)``. The rows of in-place-capable layers are written to read the same from
+``x`` and ``y`` (sign and interval tests that ``f`` preserves) or branch on ``module.inplace``.
+Which tensor a row reads mirrors what autograd saves for the layer: a later in-place change to
+that tensor makes PyTorch's own backward fail as well.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.nn import Module
+
+from backpack.derivatives.base import IO, Rule, register
+
+Derivative = Callable[[Module, Tensor, "Tensor | None"], "Tensor | float"]
+
+
+class ElementwiseRule(Rule):
+    """``y = f(x)`` elementwise: subclasses give ``df`` (``f'``) and ``d2f`` (``f''``)."""
+
+    needs_output = False  # rows reading the output set it to True
+
+    def df(self, module: Module, x: Tensor, y: Tensor | None) -> Tensor | float:
+        """``f'`` ``[n, *in]`` (or a scalar) from the input ``x`` and output ``y``."""
+        raise NotImplementedError
+
+    def d2f(self, module: Module, x: Tensor, y: Tensor | None) -> Tensor | float | None:
+        """``f''`` ``[n, *in]`` (or a scalar); None where ``f`` is piecewise linear."""
+        return None
+
+    def _df(self, module: Module, io: IO) -> Tensor | float:
+        if ("df",) not in io.cache:  # shared by every extension in this backward
+            io.cache[("df",)] = self.df(module, io.inputs[0], io.output)
+        return io.cache[("df",)]
+
+    def jac_t_mat_prod(self, module: Module, io: IO, mat: Tensor) -> Tensor:
+        """``[v, n, *out] -> [v, n, *in]``: ``f'(x) * mat``."""
+        return self._df(module, io) * mat
+
+    def jac_mat_prod(self, module: Module, io: IO, mat: Tensor) -> Tensor:
+        """``[v, n, *in] -> [v, n, *out]``: ``f'(x) * mat``."""
+        return self._df(module, io) * mat
+
+    def residual_diag(self, module: Module, io: IO, g: Tensor) -> Tensor | None:
+        """``[n, *out] -> [n, *in]``: ``f''(x) * g``; None for piecewise linear ``f``."""
+        d2 = self.d2f(module, io.inputs[0], io.output)
+        return None if d2 is None else d2 * g
+
+
+def _row(
+    types: tuple[type[Module], ...], df: Derivative, d2f: Derivative | None = None, output=False
+) -> None:
+    """Register an elementwise rule for ``types`` from ``f'`` and ``f''`` (None: piecewise linear).
+
+    ``output``: whether ``f'`` or ``f''`` read the output ``y`` (else it is None).
+    """
+    body = {"df": staticmethod(df), "needs_output": output}
+    if d2f is not None:
+        body["d2f"] = staticmethod(d2f)
+    register(*types)(type(f"{types[0].__name__}Rule", (ElementwiseRule,), body))
+
+
+def _leaky_df(m: nn.LeakyReLU, x: Tensor, y: None) -> Tensor:
+    # the sign of the output is that of the input for slopes >= 0 (the only in-place case)
+    return (x > 0).to(x.dtype) * (1 - m.negative_slope) + m.negative_slope
+
+
+def _exp_branch(m: Module, x: Tensor, scale: float, alpha: float) -> Tensor:
+    """``scale * alpha * exp(x)``; in place ``x`` holds ``scale * alpha * (exp(x) - 1)``."""
+    return x + scale * alpha if m.inplace else scale * alpha * x.exp()
+
+
+def _elu_df(m: nn.ELU, x: Tensor, y: None) -> Tensor:
+    return torch.where(x > 0, 1.0, _exp_branch(m, x, 1.0, m.alpha))
+
+
+def _elu_d2f(m: nn.ELU, x: Tensor, y: None) -> Tensor:
+    return torch.where(x > 0, 0.0, _exp_branch(m, x, 1.0, m.alpha))
+
+
+# torch's SELU constants (torch.nn.functional.selu)
+_SELU_ALPHA = 1.6732632423543772848170429916717
+_SELU_SCALE = 1.0507009873554804934193349852946
+
+
+def _selu_df(m: nn.SELU, x: Tensor, y: None) -> Tensor:
+    return torch.where(x > 0, _SELU_SCALE, _exp_branch(m, x, _SELU_SCALE, _SELU_ALPHA))
+
+
+def _selu_d2f(m: nn.SELU, x: Tensor, y: None) -> Tensor:
+    return torch.where(x > 0, 0.0, _exp_branch(m, x, _SELU_SCALE, _SELU_ALPHA))
+
+
+def _dropout_df(m: nn.Dropout, x: Tensor, y: Tensor) -> Tensor | float:
+    """Eval: 1. Train: the kept entries (``y != 0``) scaled by ``1 / (1 - p)``."""
+    if not m.training:
+        return 1.0
+    scale = 0.0 if m.p == 1 else 1 / (1 - m.p)
+    return (y != 0).to(y.dtype) * scale
+
+
+# the rows: module types, f', f'' (omitted: piecewise linear), whether they read the output
+_row((nn.Identity,), lambda m, x, y: 1.0)
+_row((nn.ReLU,), lambda m, x, y: (x > 0).to(x.dtype))  # sign of x = sign of y (in place)
+_row((nn.LeakyReLU,), _leaky_df)
+_row((nn.Hardtanh, nn.ReLU6), lambda m, x, y: ((x > m.min_val) & (x < m.max_val)).to(x.dtype))
+_row((nn.Sigmoid,), lambda m, x, y: y * (1 - y), lambda m, x, y: y * (1 - y) * (1 - 2 * y), True)
+_row((nn.Tanh,), lambda m, x, y: 1 - y**2, lambda m, x, y: -2 * y * (1 - y**2), True)
+_row(
+    (nn.LogSigmoid,),
+    lambda m, x, y: torch.sigmoid(-x),
+    lambda m, x, y: -torch.sigmoid(x) * torch.sigmoid(-x),
+)
+_row((nn.ELU,), _elu_df, _elu_d2f)
+_row((nn.SELU,), _selu_df, _selu_d2f)
+_row((nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d), _dropout_df, output=True)

@@ -1,0 +1,99 @@
+"""Convolution helpers: resolved padding and unfolding (im2col) of 1d, 2d and 3d inputs.
+
+``unfold`` builds the patches as a strided view (``Tensor.unfold``) followed by one copy; on CPU
+this is several times faster than ``F.unfold`` and than a one-hot convolution, and it works
+unchanged for any number of spatial dimensions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from math import prod
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.modules.conv import _ConvNd
+
+Pairs = list[tuple[int, int]]  # (left, right) padding per spatial dim, in spatial order
+
+
+def get_conv_function(dim: int) -> Callable:
+    """``F.conv1d``, ``F.conv2d`` or ``F.conv3d`` for ``dim`` spatial dimensions."""
+    return (F.conv1d, F.conv2d, F.conv3d)[dim - 1]
+
+
+def get_conv_transpose_function(dim: int) -> Callable:
+    """``F.conv_transpose{1,2,3}d`` for ``dim`` spatial dimensions."""
+    return (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[dim - 1]
+
+
+def padding_pairs(module: _ConvNd) -> Pairs:
+    """``(left, right)`` padding per spatial dim; ``'same'`` pads ``d(k-1)``, the odd one right."""
+    if module.padding == "valid":
+        return [(0, 0)] * len(module.kernel_size)
+    if module.padding == "same":
+        totals = [d * (k - 1) for k, d in zip(module.kernel_size, module.dilation)]
+        return [(t // 2, t - t // 2) for t in totals]
+    return [(p, p) for p in module.padding]
+
+
+def pad_arg(pairs: Pairs) -> list[int]:
+    """``pairs`` in ``F.pad`` order (last spatial dim first)."""
+    return [p for pair in reversed(pairs) for p in pair]
+
+
+def is_symmetric_zero(module: _ConvNd) -> bool:
+    """Whether the convolution itself can apply the padding (zeros, same on both sides)."""
+    return module.padding_mode == "zeros" and all(a == b for a, b in padding_pairs(module))
+
+
+def pad_mode(module: _ConvNd) -> str:
+    """``F.pad`` mode of the module's ``padding_mode``."""
+    return "constant" if module.padding_mode == "zeros" else module.padding_mode
+
+
+def pad_input(module: _ConvNd, x: Tensor) -> tuple[Tensor, Pairs]:
+    """``x`` with the module's padding applied by ``F.pad`` unless it is symmetric zeros.
+
+    Returns the (possibly padded) input and the zero padding still to apply.
+    """
+    pairs = padding_pairs(module)
+    if is_symmetric_zero(module):
+        return x, pairs
+    return F.pad(x, pad_arg(pairs), mode=pad_mode(module)), [(0, 0)] * len(pairs)
+
+
+def unfold(
+    x: Tensor,
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    dilation: Sequence[int],
+    pairs: Pairs,
+) -> Tensor:
+    """Patches ``[n, c, *in] -> [n, c * prod(k), prod(out)]``, ordered like ``F.unfold``.
+
+    ``pairs`` is zero padding per side (negative values crop).
+    """
+    if any(p != 0 for pair in pairs for p in pair):
+        x = F.pad(x, pad_arg(pairs))
+    dim = len(kernel_size)
+    for i, (k, s, d) in enumerate(zip(kernel_size, stride, dilation)):
+        x = x.unfold(2 + i, d * (k - 1) + 1, s)[..., ::d]  # appends a kernel axis
+    n, c, positions = x.shape[0], x.shape[1], prod(x.shape[2 : 2 + dim])
+    perm = (0, 1, *range(2 + dim, 2 + 2 * dim), *range(2, 2 + dim))
+    return x.permute(perm).reshape(n, c * prod(kernel_size), positions)
+
+
+def unfold_input(module: _ConvNd, x: Tensor) -> Tensor:
+    """Patches of a ConvNd's input, padding mode included: ``[n, c_in * prod(k), prod(out)]``."""
+    x, pairs = pad_input(module, x)
+    return unfold(x, module.kernel_size, module.stride, module.dilation, pairs)
+
+
+def pad_adjoint(module: _ConvNd, g: Tensor, size: Sequence[int]) -> Tensor:
+    """Adjoint of the module's padding: ``[b, c, *padded] -> [b, c, *size]``."""
+    pad, mode = pad_arg(padding_pairs(module)), pad_mode(module)
+    primal = g.new_zeros(()).expand(*g.shape[:2], *size)  # F.pad is linear: any point will do
+    _, pull = torch.func.vjp(lambda t: F.pad(t, pad, mode=mode), primal)
+    return pull(g)[0]

@@ -1,0 +1,175 @@
+"""Time of each extension as a ratio to a plain forward+backward pass on the same problem.
+
+Every variant (plain, extended but idle, one extension each, torch.func per-sample gradients)
+runs once per repetition in a rotating order, interleaved in one process, after a warm-up; the
+table shows medians. A variant that fails prints ``n/a`` with a footnote giving the error.
+
+    python benchmarks/benchmark.py [--reps 20] [--problems mlp,3c3d-64,3c3d-128]
+        [--extensions BatchGrad,Variance | all] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from backpack import backpack, extend
+from backpack.extensions import (
+    BatchDiagGGNExact,
+    BatchGrad,
+    BatchL2Grad,
+    DiagGGNExact,
+    DiagGGNMC,
+    DiagHessian,
+    SumGradSquared,
+    Variance,
+)
+
+# name -> constructor; one line per extension. DEFAULT: those run without --extensions.
+EXTENSIONS: dict[str, Callable] = {
+    "BatchGrad": BatchGrad,
+    "BatchL2Grad": BatchL2Grad,
+    "SumGradSquared": SumGradSquared,
+    "Variance": Variance,
+    "DiagGGNExact": DiagGGNExact,
+    "DiagGGNMC": DiagGGNMC,
+    "BatchDiagGGNExact": BatchDiagGGNExact,
+    "DiagHessian": DiagHessian,
+}
+DEFAULT = ["BatchGrad", "BatchL2Grad", "SumGradSquared", "Variance"]
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 64), nn.ReLU(), nn.Linear(64, 10))
+
+
+def cnn_3c3d() -> nn.Module:
+    """The 3C3D CIFAR-10 network (DeepOBS): three conv-ReLU-pool blocks, three dense layers."""
+    return nn.Sequential(
+        nn.Conv2d(3, 64, 5), nn.ReLU(), nn.MaxPool2d(3, 2),
+        nn.Conv2d(64, 96, 3), nn.ReLU(), nn.MaxPool2d(3, 2),
+        nn.Conv2d(96, 128, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2),
+        nn.Flatten(),
+        nn.Linear(128 * 2 * 2, 512), nn.ReLU(),
+        nn.Linear(512, 256), nn.ReLU(),
+        nn.Linear(256, 10),
+    )  # fmt: skip
+
+
+# name -> (model, input shape per sample, batch size)
+PROBLEMS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], int]] = {
+    "mlp": (mlp, (1, 28, 28), 128),
+    "3c3d-64": (cnn_3c3d, (3, 32, 32), 64),
+    "3c3d-128": (cnn_3c3d, (3, 32, 32), 128),
+}
+
+
+def variants(problem: str, extensions: list[str]) -> dict[str, Callable[[], None]]:
+    """name -> one zero-grad + forward + backward step of that variant on ``problem``."""
+    make, shape, n = PROBLEMS[problem]
+    torch.manual_seed(0)
+    model, lossfunc = make(), nn.CrossEntropyLoss()
+    x, y = torch.randn(n, *shape), torch.randint(0, 10, (n,))
+    ext_model = extend(copy.deepcopy(model))  # same weights; `model` itself stays unhooked
+    ext_loss = extend(nn.CrossEntropyLoss())
+
+    def step(net: nn.Module, loss: nn.Module, *exts: Callable) -> Callable[[], None]:
+        def run() -> None:
+            net.zero_grad(set_to_none=True)
+            value = loss(net(x), y)
+            if exts:
+                with backpack(*(e() for e in exts), strict=True):  # a missing rule raises
+                    value.backward()
+            else:
+                value.backward()
+
+        return run
+
+    params = {k: p.detach() for k, p in model.named_parameters()}
+
+    def sample_loss(p: dict, xn: torch.Tensor, yn: torch.Tensor) -> torch.Tensor:
+        return lossfunc(functional_call(model, p, (xn.unsqueeze(0),)), yn.unsqueeze(0))
+
+    per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))
+    return {
+        "plain": step(model, lossfunc),
+        "extended, idle": step(ext_model, ext_loss),
+        **{name: step(ext_model, ext_loss, EXTENSIONS[name]) for name in extensions},
+        "vmap(grad)": lambda: per_sample(params, x, y),
+    }
+
+
+def measure(steps: dict[str, Callable[[], None]], reps: int, warmup: int = 2):
+    """Median seconds per variant, or the exception it raised (then it is not timed again)."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    failed: dict[str, Exception] = {}
+    for name, run in steps.items():
+        try:
+            for _ in range(warmup):
+                run()
+        except Exception as err:  # noqa: BLE001 (report any failure as n/a, keep going)
+            failed[name] = err
+    names = [name for name in steps if name not in failed]
+    for rep in range(reps):
+        shift = rep % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            steps[name]()
+            times[name].append(time.perf_counter() - start)
+    result = {name: statistics.median(t) for name, t in times.items() if t}
+    return {**result, **failed}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=20, help="timed repetitions per variant")
+    parser.add_argument("--problems", default=",".join(PROBLEMS), help="comma-separated")
+    parser.add_argument("--extensions", default=",".join(DEFAULT), help="comma-separated, or all")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    problems = args.problems.split(",")
+    extensions = list(EXTENSIONS) if args.extensions == "all" else args.extensions.split(",")
+    for name in problems + extensions:
+        if name not in PROBLEMS and name not in EXTENSIONS:
+            parser.error(f"unknown problem or extension {name!r}")
+
+    results = {}
+    for problem in problems:
+        results[problem] = measure(variants(problem, extensions), args.reps)
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"median of {args.reps} interleaved repetitions; ratio to plain forward+backward")
+    rows = list(next(iter(results.values())))
+    notes: list[str] = []
+    width = max(map(len, rows)) + 2
+    print("".join([f"{'variant':<{width}}", *(f"{p:>14}" for p in problems)]))
+    for row in rows:
+        cells = []
+        for problem in problems:
+            value, plain = results[problem][row], results[problem]["plain"]
+            if isinstance(value, Exception):
+                notes.append(f"[{len(notes) + 1}] {problem} / {row}: "
+                             f"{type(value).__name__}: {str(value).splitlines()[0][:200]}")
+                cells.append(f"n/a [{len(notes)}]")
+            elif row == "plain":
+                cells.append(f"{1e3 * value:.1f} ms")
+            elif isinstance(plain, Exception):
+                cells.append(f"{1e3 * value:.1f} ms")
+            else:
+                cells.append(f"{value / plain:.2f}x")
+        print("".join([f"{row:<{width}}", *(f"{c:>14}" for c in cells)]))
+    for note in notes:
+        print(note)
+
+
+if __name__ == "__main__":
+    main()
