@@ -24,8 +24,8 @@ class _State:
     store_io: bool = True
     strict: bool = False
     warned: set = field(default_factory=set)  # (module type, extension) pairs warned about
-    flowing: dict = field(default_factory=dict)
-    pass_modules: set = field(default_factory=set)  # modules reached in the current backward  # (autograd node, output index) -> backpropagated
+    flowing: dict = field(default_factory=dict)  # (stream, autograd node, output index) -> value
+    pass_modules: set = field(default_factory=set)  # modules reached in the current backward
 
 
 STATE = _State()
