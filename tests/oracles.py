@@ -67,7 +67,8 @@ def ggn_diag(model: nn.Module, lossfunc: nn.Module, x: Tensor, y: Tensor, per_sa
 
 
 def hessian_diag(model: nn.Module, lossfunc: nn.Module, x: Tensor, y: Tensor, per_sample: bool = False):
-    """Diagonal of the loss Hessian w.r.t. each parameter, by double backward (torch.func.hessian).
+    """Diagonal of the loss Hessian w.r.t. each parameter, by double backward (torch.func.hessian
+    of each parameter's own block).
 
     ``per_sample``: ``[n, *p]``, the Hessian diagonals of each sample's contribution to the loss.
     """
@@ -77,8 +78,13 @@ def hessian_diag(model: nn.Module, lossfunc: nn.Module, x: Tensor, y: Tensor, pe
     summed = type(lossfunc)(reduction="sum")
 
     def diag(loss_fn, xs, ys):
-        h = torch.func.hessian(lambda p: loss_fn(f(p, xs), ys))(params)
-        return {k: h[k][k].reshape(p.numel(), p.numel()).diagonal().reshape(p.shape) for k, p in params.items()}
+        result = {}
+        for k, p in params.items():
+            def of_k(pk, k=k):
+                return loss_fn(f({**params, k: pk}, xs), ys)
+
+            result[k] = torch.func.hessian(of_k)(p).reshape(p.numel(), p.numel()).diagonal().reshape(p.shape)
+        return result
 
     if not per_sample:
         return diag(lossfunc, x, y)

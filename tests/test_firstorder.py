@@ -47,6 +47,8 @@ def test_first_order_matches_vmap_grad(problem, device):
         for ext, reduce in FIELDS.items():
             got = getattr(p, ext().savefield)
             torch.testing.assert_close(got, reduce(gb), msg=lambda m: f"{ext.__name__} {name}: {m}")
+    if problem.n == 1 or problem.reduction == "sum":
+        return
     for ext, reduce in FIELDS.items():  # alone: no shared cache between extensions
         model, *_ = _run(problem, [ext()], device)
         for name, p in model.named_parameters():

@@ -8,11 +8,19 @@ from hypothesis import strategies as st
 from torch import nn
 
 from backpack import backpack, extend
-from backpack.extensions import BatchGrad, BatchL2Grad, SumGradSquared, Variance
+from backpack.extensions import (
+    BatchDiagHessian,
+    BatchGrad,
+    BatchL2Grad,
+    DiagGGNExact,
+    DiagHessian,
+    SumGradSquared,
+    Variance,
+)
 from tests.cases import LOSSES, make_target
-from tests.oracles import per_sample_grads
+from tests.oracles import ggn_diag, hessian_diag, per_sample_grads
 
-ACTIVATIONS = [nn.ReLU, nn.Tanh, nn.Sigmoid, nn.ELU, nn.Identity]
+ACTIVATIONS = [nn.ReLU, nn.Tanh, nn.Sigmoid, nn.ELU, nn.Identity, nn.LogSigmoid, nn.SELU]
 
 
 @st.composite
@@ -46,13 +54,7 @@ def architectures(draw):
     seed=st.integers(0, 2**16),
 )
 def test_random_architecture_first_order(arch, loss, reduction, n, seed):
-    layers, shape = arch
-    torch.manual_seed(seed)
-    model = nn.Sequential(*layers).double()
-    x = torch.randn(n, *shape, dtype=torch.float64)
-    with torch.no_grad():
-        y = make_target(loss, model(x))
-    lossfunc = LOSSES[loss](reduction=reduction)
+    model, lossfunc, x, y = _draw_problem(arch, loss, reduction, n, seed)
     ref = per_sample_grads(model, lossfunc, x, y)
     extend(model)
     with backpack(BatchGrad(), BatchL2Grad(), SumGradSquared(), Variance()):
@@ -63,3 +65,35 @@ def test_random_architecture_first_order(arch, loss, reduction, n, seed):
         torch.testing.assert_close(p.batch_l2, gb.flatten(1).square().sum(1))
         torch.testing.assert_close(p.sum_grad_squared, gb.square().sum(0))
         torch.testing.assert_close(p.variance, gb.var(0, unbiased=False))
+
+
+def _draw_problem(arch, loss, reduction, n, seed):
+    layers, shape = arch
+    torch.manual_seed(seed)
+    model = nn.Sequential(*layers).double()
+    x = torch.randn(n, *shape, dtype=torch.float64)
+    with torch.no_grad():
+        y = make_target(loss, model(x))
+    return model, LOSSES[loss](reduction=reduction), x, y
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    arch=architectures(),
+    loss=st.sampled_from(sorted(LOSSES)),
+    reduction=st.sampled_from(["mean", "sum"]),
+    n=st.integers(1, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_random_architecture_second_order(arch, loss, reduction, n, seed):
+    model, lossfunc, x, y = _draw_problem(arch, loss, reduction, n, seed)
+    ggn = ggn_diag(model, lossfunc, x, y)
+    hess_n = hessian_diag(model, lossfunc, x, y, per_sample=True)
+    extend(model)
+    extend(lossfunc)
+    with backpack(DiagGGNExact(), DiagHessian(), BatchDiagHessian()):
+        lossfunc(model(x), y).backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.diag_ggn_exact, ggn[name])
+        torch.testing.assert_close(p.diag_h_batch, hess_n[name])
+        torch.testing.assert_close(p.diag_h, hess_n[name].sum(0))

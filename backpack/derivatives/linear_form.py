@@ -90,3 +90,48 @@ class LinearFormRule(Rule):
             out = out + part.square_().sum(0)
         io.cache[("grad", name)] = total.reshape(module.weight.shape)
         return out.reshape(module.weight.shape)
+
+    def param_diag(
+        self, module: Module, io: IO, mat: Tensor, name: str, sum_batch: bool = True
+    ) -> Tensor:
+        """``sum_v (sum_s b_v a_v^T)^2`` ``[v, n, *out] -> [(n,) *param]``.
+
+        One position: ``sum_v b_v^2 a_v^2`` without per-sample matrices; else in batch chunks.
+        """
+        if name == "bias":
+            out = self.bias_jac_t(module, mat).square().sum(0)
+            return out.sum(0) if sum_batch else out
+        a, b = self.factors(module, io, mat)
+        v = max(a.shape[0], b.shape[0])
+        a, b = a.expand(v, *a.shape[1:]), b.expand(v, *b.shape[1:])
+        lead = () if sum_batch else (a.shape[1],)
+        if a.shape[-1] == 1:
+            eq = "vngb,vnga->gba" if sum_batch else "vngb,vnga->ngba"
+            out = torch.einsum(eq, b[..., 0].square(), a[..., 0].square())
+            return out.reshape(*lead, *module.weight.shape)
+        return self._sum_v_squared(a, b, sum_batch).reshape(*lead, *module.weight.shape)
+
+    @staticmethod
+    def _sum_v_squared(a: Tensor, b: Tensor, sum_batch: bool) -> Tensor:
+        """``sum_v (sum_s b_v a_v^T)^2`` ``[(n,) g, B, A]`` in batch chunks.
+
+        A factor shared over ``v`` (stride 0, as the input of a conv) is not copied ``v`` times:
+        ``v`` joins the other factor's feature axis, one batched matmul per chunk.
+        """
+        swap = a.stride(0) != 0 and b.stride(0) == 0  # make ``a`` the shared one
+        if swap:
+            a, b = b, a
+        v, n, groups, dim_a, s = a.shape
+        dim_b = b.shape[3]
+        parts = []
+        for idx in chunks(n, v * groups * dim_a * dim_b, budget=1 << 22):
+            if a.stride(0) == 0:
+                bv = b[:, idx].permute(1, 2, 0, 3, 4).reshape(-1, groups, v * dim_b, s)
+                js = torch.einsum("ngcs,ngas->ngca", bv, a[0, idx])
+                js = js.reshape(-1, groups, v, dim_b, dim_a)
+            else:
+                js = torch.einsum("vngbs,vngas->ngvba", b[:, idx], a[:, idx])
+            js = js.square_().sum(2)
+            js = js.transpose(-1, -2) if swap else js
+            parts.append(js.sum(0) if sum_batch else js)
+        return sum(parts) if sum_batch else torch.cat(parts)
