@@ -90,3 +90,12 @@ def hessian_diag(model: nn.Module, lossfunc: nn.Module, x: Tensor, y: Tensor, pe
         return diag(lossfunc, x, y)
     rows = [diag(lambda o, t: scale * summed(o, t), x[i : i + 1], y[i : i + 1]) for i in range(x.shape[0])]
     return {k: torch.stack([r[k] for r in rows]) for k in params}
+
+
+def ggn_block(model: nn.Module, lossfunc: nn.Module, x: Tensor, y: Tensor, name: str) -> Tensor:
+    """The GGN block ``J^T H J`` ``[p, p]`` of one parameter (flattened)."""
+    params, f = _functional(model)
+    out = f(params, x)
+    j = torch.func.jacrev(f)(params, x)[name].reshape(out.numel(), -1)
+    hess = torch.func.hessian(lambda o: lossfunc(o, y))(out).reshape(out.numel(), out.numel())
+    return j.T @ hess @ j

@@ -1,0 +1,64 @@
+"""SqrtGGNExact / SqrtGGNMC: ``V V^T`` equals the GGN block; shapes, columns, MC convergence."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from backpack import backpack, extend
+from backpack.extensions import DiagGGNExact, SqrtGGNExact, SqrtGGNMC
+from tests.cases import CHAIN_CASES, LAYER_CASES, SECOND_ORDER_GAPS, problems
+from tests.oracles import ggn_block
+
+PROBLEMS = [
+    p
+    for p in problems(LAYER_CASES + CHAIN_CASES)
+    if (p.reduction, p.n) in {("mean", 3), ("sum", 1)} and p.loss == ("ce" if len(p.case.name) % 2 else "mse")
+]
+
+
+@pytest.mark.parametrize("problem", PROBLEMS, ids=lambda p: p.id)
+def test_sqrt_ggn_exact_factors_the_ggn_block(problem):
+    for key, why in SECOND_ORDER_GAPS.items():
+        if key in problem.id:
+            pytest.xfail(why)
+    model, lossfunc, x, y = problem.build()
+    extend(model)
+    extend(lossfunc)
+    with backpack(SqrtGGNExact(), DiagGGNExact()):
+        lossfunc(model(x), y).backward()
+    for name, p in model.named_parameters():
+        v = p.sqrt_ggn_exact
+        assert v.shape[1:] == (problem.n, *p.shape)
+        flat = v.reshape(-1, p.numel())
+        torch.testing.assert_close(flat.T @ flat, ggn_block(model, lossfunc, x, y, name))
+        torch.testing.assert_close(v.square().sum((0, 1)), p.diag_ggn_exact)
+
+
+def test_cross_entropy_columns_and_subsampling():
+    torch.manual_seed(0)
+    lin = extend(nn.Linear(4, 3).double())
+    lossfunc = extend(nn.CrossEntropyLoss())
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    idx = [3, 0, 0]
+    with backpack(SqrtGGNExact(subsampling=idx), SqrtGGNMC(mc_samples=2, subsampling=idx)):
+        lossfunc(lin(x), y).backward()
+    p = lin(x).softmax(1).detach()[idx]
+    root = p.sqrt()
+    cols = (torch.diag_embed(root) - p.unsqueeze(-1) * root.unsqueeze(-2)) / 5**0.5  # [n, a, k]
+    torch.testing.assert_close(lin.bias.sqrt_ggn_exact, cols.permute(2, 0, 1))
+    assert lin.weight.sqrt_ggn_mc.shape == (2, 3, 3, 4)
+
+
+def test_sqrt_ggn_mc_converges():
+    torch.manual_seed(0)
+    model = extend(nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double())
+    lossfunc = extend(nn.CrossEntropyLoss())
+    x, y = torch.randn(3, 4, dtype=torch.float64), torch.randint(0, 3, (3,))
+    with backpack(SqrtGGNMC(mc_samples=20000)):
+        lossfunc(model(x), y).backward()
+    for name, p in model.named_parameters():
+        flat = p.sqrt_ggn_mc.reshape(-1, p.numel())
+        exact = ggn_block(model, lossfunc, x, y, name)
+        torch.testing.assert_close(flat.T @ flat, exact, atol=0.05 * exact.abs().max(), rtol=0)
