@@ -10,9 +10,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import pytest
 import torch
 from torch import Tensor, nn
 
+from backpack import backpack, extend
 from backpack.custom_module.reduce_tuple import ReduceTuple
 
 DTYPE = torch.float64
@@ -38,6 +40,22 @@ class Problem:
     @property
     def id(self) -> str:
         return f"{self.case.name}-{self.loss}-{self.reduction}-N{self.n}"
+
+    def skip_gaps(self, gaps: dict[str, str]) -> None:
+        """xfail this problem if its id names a known gap."""
+        for key, why in gaps.items():
+            if key in self.id:
+                pytest.xfail(why)
+
+    def run(self, exts: list, device: str = "cpu"):
+        """Build, extend model and loss, one backward pass with ``exts``; returns the build."""
+        model, lossfunc, x, y = self.build(device)
+        extend(model)
+        extend(lossfunc)
+        torch.manual_seed(3)  # MC extensions
+        with backpack(*exts):
+            lossfunc(model(x), y).backward()
+        return model, lossfunc, x, y
 
     def build(self, device: str = "cpu", seed: int = 0):
         """Model (float64, eval mode), loss module, input and target, all seeded."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backpack import backpack, extend
 from backpack.extensions import BatchGrad, BatchL2Grad, SumGradSquared, Variance
 from tests.cases import DEVICES, GAPS, problems
 from tests.oracles import per_sample_grads
@@ -19,27 +18,12 @@ FIELDS = {
 }
 
 
-def _skip_gaps(problem) -> None:
-    for key, why in GAPS.items():
-        if key in problem.id:
-            pytest.xfail(why)
-
-
-def _run(problem, exts, device="cpu", subsampling=None):
-    model, lossfunc, x, y = problem.build(device)
-    extend(model)
-    extend(lossfunc)
-    with backpack(*exts):
-        lossfunc(model(x), y).backward()
-    return model, lossfunc, x, y
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("problem", PROBLEMS, ids=lambda p: p.id)
 def test_first_order_matches_vmap_grad(problem, device):
     """Each extension alone and all four together equal the reductions of vmap(grad)."""
-    _skip_gaps(problem)
-    model, lossfunc, x, y = _run(problem, [ext() for ext in FIELDS], device)
+    problem.skip_gaps(GAPS)
+    model, lossfunc, x, y = problem.run([ext() for ext in FIELDS], device)
     ref = per_sample_grads(model, lossfunc, x, y)
     for name, p in model.named_parameters():
         gb = ref[name]
@@ -50,7 +34,7 @@ def test_first_order_matches_vmap_grad(problem, device):
     if problem.n == 1 or problem.reduction == "sum":
         return
     for ext, reduce in FIELDS.items():  # alone: no shared cache between extensions
-        model, *_ = _run(problem, [ext()], device)
+        model, *_ = problem.run([ext()], device)
         for name, p in model.named_parameters():
             torch.testing.assert_close(getattr(p, ext().savefield), reduce(ref[name]))
 
@@ -61,10 +45,10 @@ SUB = [p for p in PROBLEMS if p.n == 3 and p.loss == "ce" and p.reduction == "me
 @pytest.mark.parametrize("problem", SUB, ids=lambda p: p.id)
 def test_subsampling(problem):
     """``subsampling`` restricts to the chosen samples (repeats, any order), full-batch scale."""
-    _skip_gaps(problem)
+    problem.skip_gaps(GAPS)
     idx = [2, 0, 0]
     exts = [ext(subsampling=idx) for ext in FIELDS]
-    model, lossfunc, x, y = _run(problem, exts)
+    model, lossfunc, x, y = problem.run(exts)
     ref = per_sample_grads(model, lossfunc, x, y)
     for name, p in model.named_parameters():
         gb = ref[name][idx]

@@ -25,28 +25,12 @@ PROBLEMS = [
 ]
 
 
-def _skip_gaps(problem) -> None:
-    for key, why in SECOND_ORDER_GAPS.items():
-        if key in problem.id:
-            pytest.xfail(why)
-
-
-def _run(problem, exts, device="cpu"):
-    model, lossfunc, x, y = problem.build(device)
-    extend(model)
-    extend(lossfunc)
-    torch.manual_seed(3)
-    with backpack(*exts):
-        lossfunc(model(x), y).backward()
-    return model, lossfunc, x, y
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("problem", PROBLEMS, ids=lambda p: p.id)
 def test_diagonals_match_oracles(problem, device):
-    _skip_gaps(problem)
+    problem.skip_gaps(SECOND_ORDER_GAPS)
     exts = [DiagGGNExact(), BatchDiagGGNExact(), DiagHessian(), BatchDiagHessian()]
-    model, lossfunc, x, y = _run(problem, exts, device)
+    model, lossfunc, x, y = problem.run(exts, device)
     # totals are sums of the per-sample oracles: samples do not interact in these models
     ggn_n = ggn_diag(model, lossfunc, x, y, per_sample=True)
     hess_n = hessian_diag(model, lossfunc, x, y, per_sample=True)
@@ -60,7 +44,7 @@ def test_diagonals_match_oracles(problem, device):
 def test_totals_oracle_on_whole_batch():
     """The whole-batch oracles (no per-sample split) agree too, on a curved chain."""
     problem = next(p for p in PROBLEMS if p.id == "Linear-Sigmoid-Linear-ce-mean-N3")
-    model, lossfunc, x, y = _run(problem, [DiagGGNExact(), DiagHessian()])
+    model, lossfunc, x, y = problem.run([DiagGGNExact(), DiagHessian()])
     ggn, hess = ggn_diag(model, lossfunc, x, y), hessian_diag(model, lossfunc, x, y)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.diag_ggn_exact, ggn[name])
@@ -74,15 +58,15 @@ MC_PROBLEMS = [
 
 @pytest.mark.parametrize("problem", MC_PROBLEMS, ids=lambda p: p.id)
 def test_mc_converges_to_exact_and_is_reproducible(problem):
-    _skip_gaps(problem)
-    model, *_ = _run(problem, [DiagGGNMC(mc_samples=20000), BatchDiagGGNMC(mc_samples=20000), DiagGGNExact()])
+    problem.skip_gaps(SECOND_ORDER_GAPS)
+    model, *_ = problem.run([DiagGGNMC(mc_samples=20000), BatchDiagGGNMC(mc_samples=20000), DiagGGNExact()])
     first = {n: p.diag_ggn_mc.clone() for n, p in model.named_parameters()}
     for name, p in model.named_parameters():
         assert p.diag_ggn_mc_batch.shape == (problem.n, *p.shape)
         torch.testing.assert_close(p.diag_ggn_mc_batch.sum(0), p.diag_ggn_mc)  # one shared sample
         scale = p.diag_ggn_exact.abs().max()
         torch.testing.assert_close(p.diag_ggn_mc, p.diag_ggn_exact, atol=0.05 * scale, rtol=0.1)
-    model, *_ = _run(problem, [DiagGGNMC(mc_samples=20000)])
+    model, *_ = problem.run([DiagGGNMC(mc_samples=20000)])
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.diag_ggn_mc, first[name])  # torch.manual_seed reproduces
 
@@ -93,9 +77,8 @@ SUB = [p for p in problems(CHAIN_CASES[:3]) if p.n == 3 and p.loss == "ce"]
 @pytest.mark.parametrize("problem", SUB, ids=lambda p: p.id)
 def test_subsampling_second_order(problem):
     idx = [2, 0, 0]
-    model, lossfunc, x, y = _run(
-        problem, [BatchDiagGGNExact(subsampling=idx), DiagGGNExact(subsampling=idx), BatchDiagHessian(subsampling=idx)]
-    )
+    exts = [BatchDiagGGNExact(subsampling=idx), DiagGGNExact(subsampling=idx), BatchDiagHessian(subsampling=idx)]
+    model, lossfunc, x, y = problem.run(exts)
     ggn_n = ggn_diag(model, lossfunc, x, y, per_sample=True)
     hess_n = hessian_diag(model, lossfunc, x, y, per_sample=True)
     for name, p in model.named_parameters():

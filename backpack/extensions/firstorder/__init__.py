@@ -18,6 +18,7 @@ class FirstOrderExtension(BackpropExtension):
     """Stores ``compute(...)`` for each trainable parameter of every module with a rule."""
 
     savefield_default = ""
+    method = ""  # the rule's method computing the quantity
 
     def __init__(self, subsampling: list[int] | None = None):
         super().__init__(self.savefield_default, subsampling=subsampling)
@@ -33,34 +34,25 @@ class FirstOrderExtension(BackpropExtension):
 
     def compute(self, rule: Rule, module: Module, io: IO, g: Tensor, name: str) -> Tensor:
         """The quantity for parameter ``name`` from the output gradient ``g`` ``[n, *out]``."""
-        raise NotImplementedError
+        return getattr(rule, self.method)(module, io, g, name)
 
 
 class BatchGrad(FirstOrderExtension):
     """Per-sample gradients ``grad_batch`` ``[N, *P]``; ``grad_batch.sum(0) == grad``."""
 
-    savefield_default = "grad_batch"
-
-    def compute(self, rule: Rule, module: Module, io: IO, g: Tensor, name: str) -> Tensor:
-        return rule.batch_grad(module, io, g, name)
+    savefield_default, method = "grad_batch", "batch_grad"
 
 
 class BatchL2Grad(FirstOrderExtension):
     """Squared norms of the per-sample gradients ``batch_l2`` ``[N]``, per parameter tensor."""
 
-    savefield_default = "batch_l2"
-
-    def compute(self, rule: Rule, module: Module, io: IO, g: Tensor, name: str) -> Tensor:
-        return rule.batch_l2(module, io, g, name)
+    savefield_default, method = "batch_l2", "batch_l2"
 
 
 class SumGradSquared(FirstOrderExtension):
     """Second moment ``sum_grad_squared = sum_n g_n**2`` ``[*P]``."""
 
-    savefield_default = "sum_grad_squared"
-
-    def compute(self, rule: Rule, module: Module, io: IO, g: Tensor, name: str) -> Tensor:
-        return rule.sum_grad_squared(module, io, g, name)
+    savefield_default, method = "sum_grad_squared", "sum_grad_squared"
 
 
 class Variance(FirstOrderExtension):
@@ -69,6 +61,6 @@ class Variance(FirstOrderExtension):
     savefield_default = "variance"
 
     def compute(self, rule: Rule, module: Module, io: IO, g: Tensor, name: str) -> Tensor:
-        n = io.input0.shape[rule.batch_axis(module)]
+        n = (g[0] if isinstance(g, tuple) else g).shape[rule.batch_axis(module)]
         second = rule.sum_grad_squared(module, io, g, name) / n
         return second - (rule.grad(module, io, g, name) / n).square()
