@@ -23,11 +23,18 @@ from torch.func import functional_call, grad, vmap
 from backpack import backpack, extend
 from backpack.extensions import (
     BatchDiagGGNExact,
+    BatchDiagGGNMC,
+    BatchDiagHessian,
     BatchGrad,
     BatchL2Grad,
     DiagGGNExact,
     DiagGGNMC,
     DiagHessian,
+    KFAC,
+    KFLR,
+    KFRA,
+    SqrtGGNExact,
+    SqrtGGNMC,
     SumGradSquared,
     Variance,
 )
@@ -41,7 +48,14 @@ EXTENSIONS: dict[str, Callable] = {
     "DiagGGNExact": DiagGGNExact,
     "DiagGGNMC": DiagGGNMC,
     "BatchDiagGGNExact": BatchDiagGGNExact,
+    "BatchDiagGGNMC": BatchDiagGGNMC,
     "DiagHessian": DiagHessian,
+    "KFAC": KFAC,
+    "KFLR": KFLR,
+    "KFRA": KFRA,
+    "BatchDiagHessian": BatchDiagHessian,
+    "SqrtGGNExact": SqrtGGNExact,
+    "SqrtGGNMC": SqrtGGNMC,
 }
 DEFAULT = ["BatchGrad", "BatchL2Grad", "SumGradSquared", "Variance"]
 
@@ -50,15 +64,15 @@ def mlp() -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(784, 64), nn.ReLU(), nn.Linear(64, 10))
 
 
-def cnn_3c3d() -> nn.Module:
-    """The 3C3D CIFAR-10 network (DeepOBS): three conv-ReLU-pool blocks, three dense layers."""
+def cnn_3c3d(act: type[nn.Module] = nn.ReLU) -> nn.Module:
+    """The 3C3D CIFAR-10 network (DeepOBS): three conv-act-pool blocks, three dense layers."""
     return nn.Sequential(
-        nn.Conv2d(3, 64, 5), nn.ReLU(), nn.MaxPool2d(3, 2),
-        nn.Conv2d(64, 96, 3), nn.ReLU(), nn.MaxPool2d(3, 2),
-        nn.Conv2d(96, 128, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2),
+        nn.Conv2d(3, 64, 5), act(), nn.MaxPool2d(3, 2),
+        nn.Conv2d(64, 96, 3), act(), nn.MaxPool2d(3, 2),
+        nn.Conv2d(96, 128, 3, padding=1), act(), nn.MaxPool2d(3, 2),
         nn.Flatten(),
-        nn.Linear(128 * 2 * 2, 512), nn.ReLU(),
-        nn.Linear(512, 256), nn.ReLU(),
+        nn.Linear(128 * 2 * 2, 512), act(),
+        nn.Linear(512, 256), act(),
         nn.Linear(256, 10),
     )  # fmt: skip
 
@@ -68,6 +82,7 @@ PROBLEMS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], int]] = {
     "mlp": (mlp, (1, 28, 28), 128),
     "3c3d-64": (cnn_3c3d, (3, 32, 32), 64),
     "3c3d-128": (cnn_3c3d, (3, 32, 32), 128),
+    "3c3d-sigmoid-128": (lambda: cnn_3c3d(nn.Sigmoid), (3, 32, 32), 128),
 }
 
 
@@ -130,7 +145,7 @@ def measure(steps: dict[str, Callable[[], None]], reps: int, warmup: int = 2):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=20, help="timed repetitions per variant")
-    parser.add_argument("--problems", default=",".join(PROBLEMS), help="comma-separated")
+    parser.add_argument("--problems", default="mlp,3c3d-64,3c3d-128", help="comma-separated")
     parser.add_argument("--extensions", default=",".join(DEFAULT), help="comma-separated, or all")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     args = parser.parse_args()

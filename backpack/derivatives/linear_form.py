@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.func import functional_call
 from torch.nn import Module
 
 from backpack.derivatives.base import IO, Rule, chunks
@@ -42,6 +43,17 @@ class LinearFormRule(Rule):
         v = max(a.shape[0], b.shape[0])
         out = torch.einsum(eq, b.expand(v, *b.shape[1:]), a.expand(v, *a.shape[1:]))
         return out.reshape(*out.shape[: 1 if sum_batch else 2], *module.weight.shape)
+
+    def param_jac_mat_prod(self, module: Module, io: IO, mat: Tensor, name: str) -> Tensor:
+        """``J_theta mat``: ``[v, *param] -> [v, n, *out]``. The layer is linear in its parameters
+        jointly, so this is the layer itself with ``theta = mat`` and its other parameters zero."""
+        zeros = {k: torch.zeros_like(p) for k, p in module.named_parameters(recurse=False)}
+
+        def layer(p: Tensor) -> Tensor:
+            return functional_call(module, {**zeros, name: p}, io.inputs, io.kwargs)
+
+        with torch.no_grad():  # no graph, and the forward hook records nothing without grad
+            return torch.func.vmap(layer)(mat)
 
     def _factors1(self, module: Module, io: IO, g: Tensor) -> tuple[Tensor, Tensor]:
         """Factors for a single gradient ``g`` ``[n, *out]``, without the vector axis."""
