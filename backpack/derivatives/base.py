@@ -13,6 +13,7 @@ A rule is stateless. Its methods receive the module and ``io``, the record of on
     jac_t_mat_prod(module, io, mat)                       [v, n, *out] -> [v, n, *in]
     jac_mat_prod(module, io, mat)                         [v, n, *in]  -> [v, n, *out]
     param_jac_t_mat_prod(module, io, mat, name, sum_batch) [v, n, *out] -> [v, (n,) *param]
+    param_jac_mat_prod(module, io, mat, name)             [v, *param]  -> [v, n, *out]
 First-order quantities (``batch_grad``, ``batch_l2``, ``sum_grad_squared``) default to reductions
 of ``param_jac_t_mat_prod`` and are overridden where a contraction is cheaper.
 """
@@ -24,6 +25,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.func import functional_call
 from torch.nn import Module
 
 
@@ -86,6 +88,23 @@ class Rule:
         self, module: Module, io: IO, mat: Tensor, name: str, sum_batch: bool = True
     ) -> Tensor:
         raise NotImplementedError(f"{type(self).__name__} has no parameter Jacobian")
+
+    def param_jac_mat_prod(self, module: Module, io: IO, mat: Tensor, name: str) -> Tensor:
+        """``J_theta mat``: ``[v, *param] -> [v, n, *out]`` (first output of a tuple), generic:
+        forward-mode AD of the recorded forward call, one tangent per ``v``."""
+        param = getattr(module, name).detach()
+        # copies: a forward pass in training mode updates running statistics in place
+        buffers = {k: b.clone() for k, b in module.named_buffers(recurse=False)}
+
+        def forward(p: Tensor) -> Tensor:
+            out = functional_call(module, {**buffers, name: p}, io.inputs, io.kwargs)
+            return out[0] if isinstance(out, tuple) else out
+
+        def tangent(v: Tensor) -> Tensor:
+            return torch.func.jvp(forward, (param,), (v,))[1]
+
+        with torch.no_grad():  # no graph, and the forward hook records nothing without grad
+            return torch.func.vmap(tangent)(mat)
 
     def param_diag(
         self, module: Module, io: IO, mat: Tensor, name: str, sum_batch: bool = True

@@ -2,6 +2,7 @@
 
 from backpack.extensions.base import BackpropExtension
 from backpack.extensions.firstorder import BatchGrad, BatchL2Grad, SumGradSquared, Variance
+from backpack.extensions.secondorder.curvmatprod import GGNMP, HMP, PCHMP
 from backpack.extensions.secondorder.diag_ggn import (
     BatchDiagGGNExact,
     BatchDiagGGNMC,
@@ -9,6 +10,7 @@ from backpack.extensions.secondorder.diag_ggn import (
     DiagGGNMC,
 )
 from backpack.extensions.secondorder.diag_hessian import BatchDiagHessian, DiagHessian
+from backpack.extensions.secondorder.hbp import HBP, KFAC, KFLR, KFRA
 from backpack.extensions.secondorder.sqrt_ggn import SqrtGGNExact, SqrtGGNMC
 
 __all__ = [
@@ -25,4 +27,11 @@ __all__ = [
     "BatchDiagHessian",
     "SqrtGGNExact",
     "SqrtGGNMC",
+    "KFAC",
+    "KFLR",
+    "KFRA",
+    "HBP",
+    "HMP",
+    "GGNMP",
+    "PCHMP",
 ]

@@ -1,0 +1,104 @@
+"""Hessian backpropagation with Kronecker-factored results: ``HBP`` and its presets KFAC, KFLR and
+KFRA. Layout and scale of the factors: ``backpack.extensions.secondorder.kron``."""
+
+from __future__ import annotations
+
+from backpack.extensions.curvature import Curvature
+from backpack.extensions.secondorder.base import Stream
+from backpack.extensions.secondorder.hbp.hbp_options import (
+    BackpropStrategy,
+    ExpectationApproximation,
+    LossHessianStrategy,
+)
+from backpack.extensions.secondorder.kron import DenseStream, KroneckerExtension
+
+_SUPPORTED = {
+    (LossHessianStrategy.SAMPLING, BackpropStrategy.SQRT): "KFAC",
+    (LossHessianStrategy.EXACT, BackpropStrategy.SQRT): "KFLR",
+    (LossHessianStrategy.SUM, BackpropStrategy.BATCH_AVERAGE): "KFRA",
+}
+
+
+class HBP(KroneckerExtension):
+    """Kronecker factors ``[G, A]`` (weights), ``[G]`` (biases) of the GGN, under ``savefield``.
+
+    Supported: ``curv_type=GGN``, ``ea_strategy=BOTEV_MARTENS`` and (loss Hessian, backprop) one of
+    (SAMPLING, SQRT) = KFAC, (EXACT, SQRT) = KFLR, (SUM, BATCH_AVERAGE) = KFRA. Enum members or
+    their string values are accepted.
+
+    Args:
+        mc_samples: sampled targets per sample for ``SAMPLING``.
+        kfac_approx: ``"expand"`` (default) or ``"reduce"`` for Linear inputs with extra dims.
+
+    Raises:
+        NotImplementedError: for any other combination.
+    """
+
+    def __init__(
+        self,
+        curv_type: Curvature | str,
+        loss_hessian_strategy: LossHessianStrategy | str,
+        backprop_strategy: BackpropStrategy | str,
+        ea_strategy: ExpectationApproximation | str,
+        savefield: str = "hbp",
+        *,
+        mc_samples: int = 1,
+        kfac_approx: str = "expand",
+    ):
+        curv, loss = Curvature(curv_type), LossHessianStrategy(loss_hessian_strategy)
+        backprop, ea = BackpropStrategy(backprop_strategy), ExpectationApproximation(ea_strategy)
+        if (
+            curv != Curvature.GGN
+            or ea != ExpectationApproximation.BOTEV_MARTENS
+            or ((loss, backprop) not in _SUPPORTED)
+        ):
+            presets = ", ".join(
+                f"{v} = (GGN, {k[0].name}, {k[1].name}, BOTEV_MARTENS)"
+                for k, v in _SUPPORTED.items()
+            )
+            raise NotImplementedError(
+                f"HBP: ({curv.name}, {loss.name}, {backprop.name}, {ea.name}) is not supported; "
+                f"supported combinations: {presets}."
+            )
+        if loss == LossHessianStrategy.SUM:
+            stream = DenseStream()
+        else:
+            stream = Stream(mc_samples if loss == LossHessianStrategy.SAMPLING else None)
+        super().__init__(savefield, stream, kfac_approx)
+        self.curv_type, self.loss_hessian_strategy = curv, loss
+        self.backprop_strategy, self.ea_strategy = backprop, ea
+        self.mc_samples = mc_samples
+
+
+class KFAC(HBP):
+    """``kfac``: Kronecker factors with ``G`` from the Monte-Carlo square root (``mc_samples``)."""
+
+    def __init__(self, mc_samples: int = 1, kfac_approx: str = "expand"):
+        super().__init__(
+            Curvature.GGN, LossHessianStrategy.SAMPLING, BackpropStrategy.SQRT,
+            ExpectationApproximation.BOTEV_MARTENS, "kfac", mc_samples=mc_samples,
+            kfac_approx=kfac_approx,
+        )  # fmt: skip
+
+
+class KFLR(HBP):
+    """``kflr``: Kronecker factors with ``G`` from the exact square root of the loss Hessian."""
+
+    def __init__(self, kfac_approx: str = "expand"):
+        super().__init__(
+            Curvature.GGN, LossHessianStrategy.EXACT, BackpropStrategy.SQRT,
+            ExpectationApproximation.BOTEV_MARTENS, "kflr", kfac_approx=kfac_approx,
+        )  # fmt: skip
+
+
+class KFRA(HBP):
+    """``kfra``: Kronecker factors with ``G`` from the batch-averaged dense recursion."""
+
+    def __init__(self, kfac_approx: str = "expand"):
+        super().__init__(
+            Curvature.GGN, LossHessianStrategy.SUM, BackpropStrategy.BATCH_AVERAGE,
+            ExpectationApproximation.BOTEV_MARTENS, "kfra", kfac_approx=kfac_approx,
+        )  # fmt: skip
+
+
+__all__ = ["HBP", "KFAC", "KFLR", "KFRA"]
