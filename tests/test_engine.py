@@ -288,3 +288,31 @@ def test_module_reuse_raises_instead_of_wrong_numbers():
             lossfunc(model(x), y).backward()
     with backpack(BatchGrad()):  # the next pass starts clean
         lossfunc(extend(_mlp())(x), y % 3).backward()
+
+
+@pytest.mark.parametrize("layer", [nn.Linear(4, 3), nn.Conv1d(4, 3, 1)])
+def test_grad_batch_buffer_reused_only_when_nobody_else_sees_it(layer):
+    model, lossfunc = extend(nn.Sequential(layer.double(), nn.Flatten())), nn.CrossEntropyLoss()
+    torch.manual_seed(0)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    x = x if isinstance(layer, nn.Linear) else x.unsqueeze(-1)
+    y = torch.randint(0, 3, (5,))
+    p = model[0].weight
+
+    def step(scale):
+        model.zero_grad()
+        with backpack(BatchGrad()):
+            lossfunc(model(x * scale), y).backward()
+        ref = per_sample_grads(model, lossfunc, x * scale, y)["0.weight"]
+        torch.testing.assert_close(p.grad_batch, ref)
+
+    step(1.0)
+    ptr = p.grad_batch.data_ptr()
+    step(2.0)
+    assert p.grad_batch.data_ptr() == ptr  # the unreferenced buffer was reused
+    held, view = p.grad_batch, p.grad_batch[0]
+    before, before_view = held.clone(), view.clone()
+    step(3.0)
+    assert p.grad_batch is not held
+    torch.testing.assert_close(held, before)  # a user's reference and view keep their values
+    torch.testing.assert_close(view, before_view)

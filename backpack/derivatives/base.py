@@ -114,8 +114,11 @@ class Rule:
         return out.sum(0) if sum_batch else out
 
     # first-order quantities; ``g`` is the gradient w.r.t. the output, [n, *out]
-    def batch_grad(self, module: Module, io: IO, g: Tensor, name: str) -> Tensor:
-        """Per-sample gradients ``[n, *param]``."""
+    def batch_grad(
+        self, module: Module, io: IO, g: Tensor, name: str, out: Tensor | None = None
+    ) -> Tensor:
+        """Per-sample gradients ``[n, *param]``; rules may write them into ``out`` (a free
+        buffer of that shape) instead of fresh memory."""
         key = ("batch_grad", name)
         if key not in io.cache:
             io.cache[key] = self.param_jac_t_mat_prod(

@@ -70,6 +70,21 @@ class LinearFormRule(Rule):
         for idx in chunks(n, groups * dim_a * b.shape[2], budget=1 << 20):
             yield torch.einsum("ngbs,ngas->ngba", b[idx], a[idx])
 
+    def batch_grad(
+        self, module: Module, io: IO, g: Tensor, name: str, out: Tensor | None = None
+    ) -> Tensor:
+        """``sum_s b a^T`` per sample ``[n, *weight]``, one batched matmul (into ``out``)."""
+        key = ("batch_grad", name)
+        if name == "bias" or key in io.cache:
+            return super().batch_grad(module, io, g, name)
+        a, b = self._factors1(module, io, g)
+        n, groups, dim_a, _ = a.shape
+        if out is None:
+            out = a.new_empty(n, *module.weight.shape)
+        torch.matmul(b, a.transpose(-1, -2), out=out.view(n, groups, b.shape[2], dim_a))
+        io.cache[key] = out
+        return out
+
     def grad(self, module: Module, io: IO, g: Tensor, name: str) -> Tensor:
         key = ("grad", name)  # left by sum_grad_squared (Variance needs both)
         return io.cache[key] if key in io.cache else super().grad(module, io, g, name)

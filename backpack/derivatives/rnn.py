@@ -175,7 +175,9 @@ class RecurrentRule(Rule):
             io.cache["factors"] = _recompute(module, io, g if isinstance(g, tuple) else (g,))
         return io.cache["factors"][name]
 
-    def batch_grad(self, module: nn.RNNBase, io: IO, g: Any, name: str) -> Tensor:
+    def batch_grad(
+        self, module: nn.RNNBase, io: IO, g: Any, name: str, out: Tensor | None = None
+    ) -> Tensor:
         """``sum_t b[n, t] a[n, t]^T`` ``[n, o, i]`` (bias: ``sum_t b[n, t]`` ``[n, o]``)."""
         key = ("batch_grad", name)
         if key not in io.cache:

@@ -7,6 +7,9 @@ with ``reduction='mean'`` each carries the loss's ``1/N``.
 
 from __future__ import annotations
 
+import sys
+
+import torch
 from torch import Tensor
 from torch.nn import Module
 
@@ -38,9 +41,30 @@ class FirstOrderExtension(BackpropExtension):
 
 
 class BatchGrad(FirstOrderExtension):
-    """Per-sample gradients ``grad_batch`` ``[N, *P]``; ``grad_batch.sum(0) == grad``."""
+    """Per-sample gradients ``grad_batch`` ``[N, *P]``; ``grad_batch.sum(0) == grad``.
+
+    The previous pass's ``grad_batch`` is overwritten in place when nothing but the parameter
+    references it (no other name, no view): large fresh buffers cost page faults, on CPU
+    about as much as computing them.
+    """
 
     savefield_default, method = "grad_batch", "batch_grad"
+
+    def compute(self, rule: Rule, module: Module, io: IO, g: Tensor, name: str) -> Tensor:
+        param = getattr(module, name)
+        n = (g[0] if isinstance(g, tuple) else g).shape[rule.batch_axis(module)]
+        old = param.__dict__.get(self.savefield)
+        reuse = (
+            isinstance(old, Tensor)
+            and old.shape == (n, *param.shape)
+            and old.dtype == param.dtype
+            and old.device == param.device
+            and old.is_contiguous()
+            and old._base is None
+            and sys.getrefcount(old) == 3  # param.__dict__, ``old``, the call's argument
+            and torch._C._storage_Use_Count(old.untyped_storage()._cdata) <= 2
+        )
+        return rule.batch_grad(module, io, g, name, out=old if reuse else None)
 
 
 class BatchL2Grad(FirstOrderExtension):
