@@ -58,6 +58,13 @@ def _key(t: Any) -> tuple | None:
     return None
 
 
+def _keys(args: tuple) -> tuple:
+    """Keys of the tensors in ``args``, nested tuples and lists (e.g. RNN states) flattened."""
+    if any(isinstance(a, (tuple, list)) for a in args):
+        args = tree_flatten(args)[0]
+    return tuple(map(_key, args))
+
+
 def _wants_hook(module: Module) -> bool:
     """Leaves, modules with a rule, and modules with parameters of their own are hooked."""
     if rule_for(module) is not None:
@@ -93,13 +100,13 @@ def extend(module: Module, debug: bool = False, use_converter: bool = False) -> 
 
 def _pre_hook(module: Module, args: tuple) -> None:
     if STATE.store_io and torch.is_grad_enabled():
-        _PENDING_KEYS[module] = tuple(_key(a) for a in args)
+        _PENDING_KEYS[module] = _keys(args)
 
 
 def _forward_hook(module: Module, args: tuple, kwargs: dict, output: Any) -> Any:
     if not STATE.store_io or not torch.is_grad_enabled():
         return None
-    in_keys = _PENDING_KEYS.pop(module, None) or tuple(map(_key, args))
+    in_keys = _PENDING_KEYS.pop(module, None) or _keys(args)
     if isinstance(output, Tensor):
         if not output.requires_grad or _key(output) in in_keys:
             return None  # nothing to differentiate, or a pass-through (same autograd value)

@@ -8,7 +8,7 @@ from torch import nn
 
 from backpack import backpack, extend
 from backpack.extensions import DiagGGNExact, SqrtGGNExact, SqrtGGNMC
-from tests.cases import CHAIN_CASES, LAYER_CASES, SECOND_ORDER_GAPS, problems
+from tests.cases import CHAIN_CASES, GGN_GAPS, LAYER_CASES, problems
 from tests.oracles import ggn_block
 
 PROBLEMS = [
@@ -20,7 +20,7 @@ PROBLEMS = [
 
 @pytest.mark.parametrize("problem", PROBLEMS, ids=lambda p: p.id)
 def test_sqrt_ggn_exact_factors_the_ggn_block(problem):
-    problem.skip_gaps(SECOND_ORDER_GAPS)
+    problem.skip_gaps(GGN_GAPS)
     model, lossfunc, x, y = problem.run([SqrtGGNExact(), DiagGGNExact()])
     for name, p in model.named_parameters():
         v = p.sqrt_ggn_exact

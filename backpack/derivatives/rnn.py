@@ -52,9 +52,16 @@ def _leaf(z: Tensor) -> Tensor:
     return z if z.requires_grad else z.requires_grad_()
 
 
-def _recompute(module: nn.RNNBase, io: IO, grads: tuple[Tensor, ...]) -> Factors:
-    """Re-run the recurrence on ``[n, t, f]`` and backpropagate ``grads`` to every ``z``."""
+def _recompute(
+    module: nn.RNNBase, io: IO, grads: tuple[Tensor, ...], batched: bool = False
+) -> tuple[Factors, Tensor | None]:
+    """Re-run the recurrence on ``[n, t, f]`` and backpropagate ``grads`` (output layout; the
+    first ``len(grads)`` outputs) to every ``z``: deltas ``[(v,) n, t, o]``. ``batched``: grads
+    carry a leading ``v`` axis, and the input gradient ``[v, *x]`` is returned too (else None)."""
     x, hx = _args(io)
+    if batched:  # a leaf, to get J^T mat w.r.t. the input from the same backward
+        x = x.detach().requires_grad_()
+    x_in = x
     if not module.batch_first:
         x = x.transpose(0, 1)
     n, steps = x.shape[:2]
@@ -111,17 +118,29 @@ def _recompute(module: nn.RNNBase, io: IO, grads: tuple[Tensor, ...]) -> Factors
         outputs = [layer_in, torch.stack([h for h, _ in finals])]
         if lstm:
             outputs.append(torch.stack([c for _, c in finals]))
-        g_out = grads[0] if module.batch_first else grads[0].transpose(0, 1)
+        g_out = grads[0] if module.batch_first else grads[0].transpose(-3, -2)
         unique = {id(z): z for v in zs.values() for z in (v if isinstance(v, list) else [v])}
-        deltas = torch.autograd.grad(outputs, list(unique.values()), [g_out, *grads[1:]])
+        wrt = [*unique.values(), *([x_in] if batched else [])]
+        deltas = torch.autograd.grad(
+            outputs[: len(grads)], wrt, [g_out, *grads[1:]], is_grads_batched=batched
+        )
     delta_of = dict(zip(unique, deltas))
 
     def delta(z: Any) -> Tensor:  # a weight and its bias share one stacked delta
         if id(z) not in delta_of:
-            delta_of[id(z)] = torch.stack([delta_of[id(zt)] for zt in z], 1)
+            delta_of[id(z)] = torch.stack([delta_of[id(zt)] for zt in z], -2)
         return delta_of[id(z)]
 
-    return {name: (delta(z), acts[name]) for name, z in zs.items()}
+    factors = {name: (delta(z), acts[name]) for name, z in zs.items()}
+    return factors, deltas[-1] if batched else None
+
+
+def _no_hessian(module: nn.Module) -> str:
+    return (
+        f"DiagHessian/BatchDiagHessian through recurrent layers ({type(module).__name__}) are not "
+        "supported: the second derivatives inside the recurrence (gate products, tanh/sigmoid) "
+        "are not implemented. Use DiagGGNExact (or BatchDiagGGNExact) instead."
+    )
 
 
 @register(nn.RNN, nn.LSTM, nn.GRU)
@@ -164,6 +183,14 @@ class RecurrentRule(Rule):
                 f"{where}: unbatched input of shape {tuple(x.shape)} has no batch axis. "
                 "Add one (x.unsqueeze(0) with batch_first=True)."
             )
+        stream = getattr(extension, "stream", None)
+        if getattr(stream, "residuals", False):
+            raise NotImplementedError(f"{where}: {_no_hessian(module)}")
+        if stream is not None and not module.batch_first and extension.subsampling is not None:
+            raise NotImplementedError(
+                f"{where}: subsampling second-order quantities needs batch_first=True (the "
+                "backpropagated matrices are subsampled on axis 1, time here)."
+            )
         if module.training and module.dropout > 0 and module.num_layers > 1:
             raise NotImplementedError(
                 f"{where}: dropout={module.dropout} between layers in train mode draws masks "
@@ -172,8 +199,35 @@ class RecurrentRule(Rule):
 
     def _factors(self, module: nn.RNNBase, io: IO, g: Any, name: str) -> tuple[Tensor, Any]:
         if "factors" not in io.cache:
-            io.cache["factors"] = _recompute(module, io, g if isinstance(g, tuple) else (g,))
+            io.cache["factors"] = _recompute(module, io, g if isinstance(g, tuple) else (g,))[0]
         return io.cache["factors"][name]
+
+    def _backprop(self, module: nn.RNNBase, io: IO, mat: Tensor) -> tuple[Factors, Tensor]:
+        """Deltas and input gradient for ``mat`` ``[v, *out]`` on the sequence output, memoised
+        per ``mat`` (the stream asks for both with the same tensor); h_n/c_n receive nothing."""
+        key = ("mat", id(mat), tuple(mat.shape))
+        hit = io.cache.get(key)
+        if hit is None or hit[0] is not mat:  # holding mat keeps its id from being reused
+            hit = io.cache[key] = (mat, *_recompute(module, io, (mat,), batched=True))
+        return hit[1], hit[2]
+
+    def jac_t_mat_prod(self, module: nn.RNNBase, io: IO, mat: Tensor) -> Tensor:
+        """``J_x^T mat``: ``[v, *out] -> [v, *in]`` (sequence output, module layout)."""
+        return self._backprop(module, io, mat)[1]
+
+    def param_jac_t_mat_prod(
+        self, module: nn.RNNBase, io: IO, mat: Tensor, name: str, sum_batch: bool = True
+    ) -> Tensor:
+        """``sum_t b[v, n, t] a[n, t]^T`` ``[v, (n,) o, i]`` (bias: ``sum_t b``), ``b`` the
+        deltas of ``mat`` ``[v, *out]`` on the sequence output."""
+        b, a = self._backprop(module, io, mat)[0][name]
+        if a is None:
+            return b.sum((1, 2) if sum_batch else 2)
+        return torch.einsum("vnto,nti->voi" if sum_batch else "vnto,nti->vnoi", b, a)
+
+    def residual_diag(self, module: nn.RNNBase, io: IO, g: Any) -> Tensor | None:
+        """Curved inside the recurrence, and not provided: raises (the Hessian stream only)."""
+        raise NotImplementedError(_no_hessian(module))
 
     def batch_grad(
         self, module: nn.RNNBase, io: IO, g: Any, name: str, out: Tensor | None = None
