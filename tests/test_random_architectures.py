@@ -45,16 +45,25 @@ def architectures(draw):
     return layers, shape
 
 
+@st.composite
+def problems(draw, max_n: int):
+    """``(model, lossfunc, x, y)``: a drawn architecture, loss, reduction, batch size and seed."""
+    layers, shape = draw(architectures())
+    loss = draw(st.sampled_from(sorted(LOSSES)))
+    reduction = draw(st.sampled_from(["mean", "sum"]))
+    n = draw(st.integers(1, max_n))
+    torch.manual_seed(draw(st.integers(0, 2**16)))
+    model = nn.Sequential(*layers).double()
+    x = torch.randn(n, *shape, dtype=torch.float64)
+    with torch.no_grad():
+        y = make_target(loss, model(x))
+    return model, LOSSES[loss](reduction=reduction), x, y
+
+
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    arch=architectures(),
-    loss=st.sampled_from(sorted(LOSSES)),
-    reduction=st.sampled_from(["mean", "sum"]),
-    n=st.integers(1, 4),
-    seed=st.integers(0, 2**16),
-)
-def test_random_architecture_first_order(arch, loss, reduction, n, seed):
-    model, lossfunc, x, y = _draw_problem(arch, loss, reduction, n, seed)
+@given(problem=problems(max_n=4))
+def test_random_architecture_first_order(problem):
+    model, lossfunc, x, y = problem
     ref = per_sample_grads(model, lossfunc, x, y)
     extend(model)
     with backpack(BatchGrad(), BatchL2Grad(), SumGradSquared(), Variance()):
@@ -67,26 +76,10 @@ def test_random_architecture_first_order(arch, loss, reduction, n, seed):
         torch.testing.assert_close(p.variance, gb.var(0, unbiased=False))
 
 
-def _draw_problem(arch, loss, reduction, n, seed):
-    layers, shape = arch
-    torch.manual_seed(seed)
-    model = nn.Sequential(*layers).double()
-    x = torch.randn(n, *shape, dtype=torch.float64)
-    with torch.no_grad():
-        y = make_target(loss, model(x))
-    return model, LOSSES[loss](reduction=reduction), x, y
-
-
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    arch=architectures(),
-    loss=st.sampled_from(sorted(LOSSES)),
-    reduction=st.sampled_from(["mean", "sum"]),
-    n=st.integers(1, 3),
-    seed=st.integers(0, 2**16),
-)
-def test_random_architecture_second_order(arch, loss, reduction, n, seed):
-    model, lossfunc, x, y = _draw_problem(arch, loss, reduction, n, seed)
+@given(problem=problems(max_n=3))
+def test_random_architecture_second_order(problem):
+    model, lossfunc, x, y = problem
     ggn = ggn_diag(model, lossfunc, x, y)
     hess_n = hessian_diag(model, lossfunc, x, y, per_sample=True)
     extend(model)

@@ -129,13 +129,17 @@ class LinearFormRule(Rule):
             out = self.bias_jac_t(module, mat).square().sum(0)
             return out.sum(0) if sum_batch else out
         a, b = self.factors(module, io, mat)
+        lead = () if sum_batch else (a.shape[1],)
+        if a.shape[-1] == 1:  # sum_v b_v^2 a_v^2; a factor shared over v is squared once
+            a2, b2 = a[..., 0].square(), b[..., 0].square()
+            if a.shape[0] == 1:
+                b2 = b2.sum(0, keepdim=True)
+            elif b.shape[0] == 1:
+                a2 = a2.sum(0, keepdim=True)
+            eq = "vngb,vnga->gba" if sum_batch else "vngb,vnga->ngba"
+            return torch.einsum(eq, b2, a2).reshape(*lead, *module.weight.shape)
         v = max(a.shape[0], b.shape[0])
         a, b = a.expand(v, *a.shape[1:]), b.expand(v, *b.shape[1:])
-        lead = () if sum_batch else (a.shape[1],)
-        if a.shape[-1] == 1:
-            eq = "vngb,vnga->gba" if sum_batch else "vngb,vnga->ngba"
-            out = torch.einsum(eq, b[..., 0].square(), a[..., 0].square())
-            return out.reshape(*lead, *module.weight.shape)
         return self._sum_v_squared(a, b, sum_batch).reshape(*lead, *module.weight.shape)
 
     @staticmethod
