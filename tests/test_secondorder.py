@@ -107,3 +107,18 @@ def test_log_softmax_nll_equals_cross_entropy(reduction, options):
         torch.testing.assert_close(p.diag_ggn_exact, ggn[name])
         torch.testing.assert_close(p.diag_h, hess["0." + name])
         torch.testing.assert_close(p.diag_ggn_exact_batch.sum(0), ggn[name])
+
+
+PWL_CASES = {
+    f"Linear-{a}-Linear" for a in ("ReLU", "ReLUinplace", "LeakyReLU", "Identity", "Dropout")
+} | {f"Conv{d}d-MaxPool{d}d-Conv{d}d" for d in (1, 2, 3)}
+PWL = [p for p in PROBLEMS if p.case.name in PWL_CASES and p.loss != "bce"]
+
+
+@pytest.mark.parametrize("problem", PWL, ids=lambda p: p.id)
+def test_ggn_equals_hessian_on_piecewise_linear_nets_with_mse_ce(problem):
+    """With MSE/CE and piecewise-linear layers, the Hessian diagonal is the GGN diagonal."""
+    model, *_ = problem.run([DiagGGNExact(), DiagHessian(), BatchDiagGGNExact(), BatchDiagHessian()])
+    for p in model.parameters():
+        torch.testing.assert_close(p.diag_h, p.diag_ggn_exact)
+        torch.testing.assert_close(p.diag_h_batch, p.diag_ggn_exact_batch)
