@@ -39,6 +39,8 @@ class _Record:
         # output, or an input that a later in-place op ties to this call) is a leaking cycle
         inputs = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
         self.io = IO(inputs, _detach(output) if keep_out else None, kwargs and _detach(kwargs))
+        if self.rule is not None and isinstance(output, Tensor):
+            self.rule.on_forward(module, self.io, output)
         self.in_keys = in_keys
 
     def release(self) -> None:

@@ -49,6 +49,10 @@ class Rule:
     needs_output = True  # store the module's output in forward (else only its inputs)
     is_loss = False
 
+    def on_forward(self, module: Module, io: IO, output: Tensor) -> None:
+        """Called with the graph-attached output when the call is recorded: a place to keep
+        what autograd saved anyway (into ``io.cache``) instead of recomputing it in backward."""
+
     def batch_axis(self, module: Module) -> int:
         """Axis of the batch in the module's input, output and output gradient."""
         return 0

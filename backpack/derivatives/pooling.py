@@ -43,6 +43,12 @@ class MaxPoolRule(Rule):
 
     needs_output = False
 
+    def on_forward(self, module: Module, io: IO, output: Tensor) -> None:
+        """Keep the argmax autograd saved (2d/3d and adaptive 2d pooling save it)."""
+        idx = getattr(output.grad_fn, "_saved_result1", None)
+        if idx is not None and idx.shape == output.shape:
+            io.cache[("argmax",)] = idx
+
     def _indices(self, module: Module, io: IO) -> tuple[int, Tensor]:
         """Number of spatial axes and the argmax indices ``[n, c, *out_spatial]``."""
         dim, pool = _MAX_POOL[type(module)]
