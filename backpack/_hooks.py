@@ -62,6 +62,8 @@ def _key(t: Any) -> tuple | None:
 
 def _keys(args: tuple) -> tuple:
     """Keys of the tensors in ``args``, nested tuples and lists (e.g. RNN states) flattened."""
+    if len(args) == 1 and isinstance(args[0], Tensor):  # the common case, fast
+        return (_key(args[0]),)
     if any(isinstance(a, (tuple, list)) for a in args):
         args = tree_flatten(args)[0]
     return tuple(map(_key, args))
@@ -110,10 +112,13 @@ def _forward_hook(module: Module, args: tuple, kwargs: dict, output: Any) -> Any
         return None
     in_keys = _PENDING_KEYS.pop(module, None) or _keys(args)
     if isinstance(output, Tensor):
-        if not output.requires_grad or _key(output) in in_keys:
+        out_key = _key(output)
+        if out_key is None or out_key in in_keys:
             return None  # nothing to differentiate, or a pass-through (same autograd value)
         record = _Record(module, args, kwargs, output, in_keys)
-        output.register_hook(partial(_on_output_grad, record))
+        # a pre-hook on the producing node (cheaper than Tensor.register_hook); it is bound to
+        # this node, so it sees the output's gradient as it was before later in-place ops
+        output.grad_fn.register_prehook(partial(_on_output_grad, record))
         return None
     leaves, spec = tree_flatten(output)
     idx = [i for i, t in enumerate(leaves) if isinstance(t, Tensor) and t.requires_grad]
@@ -143,8 +148,10 @@ class _Joint(torch.autograd.Function):
         return (None, *grads)
 
 
-def _on_output_grad(record: _Record, grad: Tensor) -> None:
-    _run(record, (grad,))
+def _on_output_grad(record: _Record, grads: tuple) -> None:
+    grad = grads[record.out_nr]
+    if grad is not None:
+        _run(record, (grad,))
 
 
 def _run(record: _Record, grads: tuple[Tensor, ...]) -> None:

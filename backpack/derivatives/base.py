@@ -29,7 +29,7 @@ from torch.func import functional_call
 from torch.nn import Module
 
 
-@dataclass
+@dataclass(slots=True)
 class IO:
     """Detached inputs, output and keyword arguments of one forward call of a module."""
 
