@@ -316,3 +316,44 @@ def test_grad_batch_buffer_reused_only_when_nobody_else_sees_it(layer):
     assert p.grad_batch is not held
     torch.testing.assert_close(held, before)  # a user's reference and view keep their values
     torch.testing.assert_close(view, before_view)
+
+
+def test_user_registered_rule_like_the_readme():
+    """A user's layer: one Rule subclass registered with backpack.register serves every extension."""
+    import backpack as bp
+    from backpack.extensions import DiagGGNExact
+
+    class Scale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.tensor([2.0], dtype=torch.float64))
+
+        def forward(self, x):
+            return x * self.weight
+
+    @bp.register(Scale)
+    class ScaleRule(bp.Rule):
+        needs_output = False
+
+        def jac_t_mat_prod(self, module, io, mat):
+            return mat * module.weight
+
+        def param_jac_t_mat_prod(self, module, io, mat, name, sum_batch=True):
+            out = (mat * io.input0).flatten(2).sum(2, keepdim=True)
+            return out.sum(1) if sum_batch else out
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), Scale(), nn.Tanh(), nn.Linear(3, 3)).double()
+    lossfunc = nn.CrossEntropyLoss()
+    x, y = _data()
+    ref = per_sample_grads(model, lossfunc, x, y)
+    extend(model)
+    extend(lossfunc)
+    with backpack(BatchGrad(), DiagGGNExact()):
+        lossfunc(model(x), y).backward()
+    from tests.oracles import ggn_diag
+
+    ggn = ggn_diag(model, lossfunc, x, y)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad_batch, ref[name])
+        torch.testing.assert_close(p.diag_ggn_exact, ggn[name])
