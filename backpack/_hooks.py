@@ -1,10 +1,10 @@
-"""The engine: forward hook -> per-call record -> tensor hook on the output -> backward driver.
+"""The engine: forward hook -> per-call record -> hook on the output's node -> backward driver.
 
 Each forward call of an extended module creates a ``_Record`` (detached inputs and output). It
-is referenced only from the hook registered on the call's output tensor, so it lives exactly as
-long as the autograd graph; the backward driver frees it after use. What flows backward between
-modules (second-order extensions) is keyed by the autograd node that produced a tensor and the
-output index, never by tensor object or memory address.
+is referenced only from the pre-hook registered on the autograd node that produced the call's
+output, so it lives exactly as long as the autograd graph; the backward driver frees it after
+use. What flows backward between modules (second-order extensions) is keyed by the autograd node
+that produced a tensor and the output index, never by tensor object or memory address.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class _Record:
         keep_out = self.rule is None or self.rule.needs_output
         # detached: a hook whose closure reaches its own node through a stored tensor (the
         # output, or an input that a later in-place op ties to this call) is a leaking cycle
-        inputs = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
+        inputs = tuple(a.detach() if isinstance(a, Tensor) else _detach(a) for a in args)
         self.io = IO(inputs, _detach(output) if keep_out else None, kwargs and _detach(kwargs))
         if self.rule is not None and isinstance(output, Tensor):
             self.rule.on_forward(module, self.io, output)
