@@ -52,7 +52,7 @@ class BatchGrad(FirstOrderExtension):
 
     def compute(self, rule: Rule, module: Module, io: IO, g: Tensor, name: str) -> Tensor:
         param = getattr(module, name)
-        n = (g[0] if isinstance(g, tuple) else g).shape[rule.batch_axis(module)]
+        n = _batch_size(rule, module, g)
         old = param.__dict__.get(self.savefield)
         reuse = (
             isinstance(old, Tensor)
@@ -85,6 +85,11 @@ class Variance(FirstOrderExtension):
     savefield_default = "variance"
 
     def compute(self, rule: Rule, module: Module, io: IO, g: Tensor, name: str) -> Tensor:
-        n = (g[0] if isinstance(g, tuple) else g).shape[rule.batch_axis(module)]
+        n = _batch_size(rule, module, g)
         second = rule.sum_grad_squared(module, io, g, name) / n
         return second - (rule.grad(module, io, g, name) / n).square()
+
+
+def _batch_size(rule: Rule, module: Module, g: Tensor | tuple[Tensor, ...]) -> int:
+    """Samples in the output gradient (the first one for modules with several outputs)."""
+    return (g[0] if isinstance(g, tuple) else g).shape[rule.batch_axis(module)]
