@@ -150,7 +150,9 @@ def _rnn_cases() -> list[LayerCase]:
             def seq(cls=cls, kw=kw, bf=bf):
                 rnn = cls(4, 3, batch_first=bf, **kw)
                 pre, post = ([], []) if bf else ([TimeMajor()], [TimeMajor()])
-                return nn.Sequential(*pre, rnn, ReduceTuple(0), *post, nn.Flatten(), nn.LazyLinear(3))
+                return nn.Sequential(
+                    *pre, rnn, ReduceTuple(0), *post, nn.Flatten(), nn.LazyLinear(3)
+                )
 
             def allout(cls=cls, kw=kw, bf=bf):
                 rnn = cls(4, 3, batch_first=bf, **kw)
@@ -173,31 +175,92 @@ LAYER_CASES: list[LayerCase] = [
     _case("Linear-extradims", lambda: nn.Linear(5, 4), 2, 3, 5),
     # Conv1d/2d/3d
     _case("Conv1d", lambda: nn.Conv1d(2, 3, 3), 2, 8),
-    _case("Conv1d-stride-pad-dil", lambda: nn.Conv1d(2, 3, 3, stride=2, padding=2, dilation=2), 2, 9),
+    _case(
+        "Conv1d-stride-pad-dil", lambda: nn.Conv1d(2, 3, 3, stride=2, padding=2, dilation=2), 2, 9
+    ),
     _case("Conv1d-groups-nobias", lambda: nn.Conv1d(4, 6, 3, groups=2, bias=False), 4, 7),
     _case("Conv1d-same", lambda: nn.Conv1d(2, 3, 4, padding="same", dilation=2), 2, 8),
     _case("Conv1d-valid", lambda: nn.Conv1d(2, 3, 3, padding="valid"), 2, 8),
     _case("Conv1d-reflect", lambda: nn.Conv1d(2, 3, 3, padding=2, padding_mode="reflect"), 2, 8),
     _case("Conv2d", lambda: nn.Conv2d(2, 3, 3), 2, 6, 5),
-    _case("Conv2d-stride-pad-dil", lambda: nn.Conv2d(2, 3, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2)), 2, 7, 6),
+    _case(
+        "Conv2d-stride-pad-dil",
+        lambda: nn.Conv2d(2, 3, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2)),
+        2,
+        7,
+        6,
+    ),
     _case("Conv2d-groups", lambda: nn.Conv2d(4, 6, 3, groups=2), 4, 5, 5),
     _case("Conv2d-depthwise", lambda: nn.Conv2d(3, 6, 3, groups=3, bias=False), 3, 5, 5),
     _case("Conv2d-same", lambda: nn.Conv2d(2, 3, (3, 4), padding="same"), 2, 5, 6),
-    _case("Conv2d-circular", lambda: nn.Conv2d(2, 3, 3, padding=1, padding_mode="circular"), 2, 5, 5),
-    _case("Conv2d-replicate", lambda: nn.Conv2d(2, 3, 3, padding=(1, 2), padding_mode="replicate"), 2, 5, 5),
+    _case(
+        "Conv2d-circular", lambda: nn.Conv2d(2, 3, 3, padding=1, padding_mode="circular"), 2, 5, 5
+    ),
+    _case(
+        "Conv2d-replicate",
+        lambda: nn.Conv2d(2, 3, 3, padding=(1, 2), padding_mode="replicate"),
+        2,
+        5,
+        5,
+    ),
     _case("Conv2d-1x1", lambda: nn.Conv2d(3, 4, 1), 3, 4, 4),
     _case("Conv3d", lambda: nn.Conv3d(2, 3, 2), 2, 4, 3, 4),
-    _case("Conv3d-stride-pad-groups", lambda: nn.Conv3d(2, 4, 3, stride=2, padding=1, groups=2), 2, 5, 4, 5),
-    _case("Conv3d-same-reflect", lambda: nn.Conv3d(2, 3, 3, padding="same", padding_mode="reflect"), 2, 4, 4, 3),
+    _case(
+        "Conv3d-stride-pad-groups",
+        lambda: nn.Conv3d(2, 4, 3, stride=2, padding=1, groups=2),
+        2,
+        5,
+        4,
+        5,
+    ),
+    _case(
+        "Conv3d-same-reflect",
+        lambda: nn.Conv3d(2, 3, 3, padding="same", padding_mode="reflect"),
+        2,
+        4,
+        4,
+        3,
+    ),
     # ConvTranspose1d/2d/3d
     _case("ConvTranspose1d", lambda: nn.ConvTranspose1d(2, 3, 3), 2, 6),
-    _case("ConvTranspose1d-stride-outpad", lambda: nn.ConvTranspose1d(2, 3, 3, stride=2, padding=1, output_padding=1), 2, 5),
-    _case("ConvTranspose1d-groups-dil-nobias", lambda: nn.ConvTranspose1d(4, 6, 3, groups=2, dilation=2, bias=False), 4, 5),
+    _case(
+        "ConvTranspose1d-stride-outpad",
+        lambda: nn.ConvTranspose1d(2, 3, 3, stride=2, padding=1, output_padding=1),
+        2,
+        5,
+    ),
+    _case(
+        "ConvTranspose1d-groups-dil-nobias",
+        lambda: nn.ConvTranspose1d(4, 6, 3, groups=2, dilation=2, bias=False),
+        4,
+        5,
+    ),
     _case("ConvTranspose2d", lambda: nn.ConvTranspose2d(2, 3, 3), 2, 4, 5),
-    _case("ConvTranspose2d-stride-pad-outpad", lambda: nn.ConvTranspose2d(2, 3, (3, 2), stride=(2, 3), padding=(1, 0), output_padding=(1, 2)), 2, 4, 3),
-    _case("ConvTranspose2d-groups-dil", lambda: nn.ConvTranspose2d(4, 2, 3, groups=2, dilation=2), 4, 3, 4),
+    _case(
+        "ConvTranspose2d-stride-pad-outpad",
+        lambda: nn.ConvTranspose2d(
+            2, 3, (3, 2), stride=(2, 3), padding=(1, 0), output_padding=(1, 2)
+        ),
+        2,
+        4,
+        3,
+    ),
+    _case(
+        "ConvTranspose2d-groups-dil",
+        lambda: nn.ConvTranspose2d(4, 2, 3, groups=2, dilation=2),
+        4,
+        3,
+        4,
+    ),
     _case("ConvTranspose3d", lambda: nn.ConvTranspose3d(2, 3, 2), 2, 3, 3, 2),
-    _case("ConvTranspose3d-stride-groups", lambda: nn.ConvTranspose3d(2, 4, 3, stride=2, padding=1, output_padding=1, groups=2), 2, 3, 2, 3),
+    _case(
+        "ConvTranspose3d-stride-groups",
+        lambda: nn.ConvTranspose3d(2, 4, 3, stride=2, padding=1, output_padding=1, groups=2),
+        2,
+        3,
+        2,
+        3,
+    ),
     # BatchNorm (eval mode)
     _case("BatchNorm1d", lambda: nn.BatchNorm1d(4), 4),
     _case("BatchNorm1d-seq", lambda: nn.BatchNorm1d(3), 3, 5),
@@ -205,19 +268,28 @@ LAYER_CASES: list[LayerCase] = [
     _case("BatchNorm3d", lambda: nn.BatchNorm3d(2), 2, 3, 2, 3),
     # Embedding
     LayerCase("Embedding", lambda: _seq(nn.Embedding(7, 3)), _embedding_input),
-    LayerCase("Embedding-padding_idx", lambda: _seq(nn.Embedding(7, 3, padding_idx=2)), _embedding_input),
+    LayerCase(
+        "Embedding-padding_idx", lambda: _seq(nn.Embedding(7, 3, padding_idx=2)), _embedding_input
+    ),
     # RNN, LSTM, GRU
     *_rnn_cases(),
 ]
 
+
 def _chain(name: str, layers: Callable[[], list[nn.Module]], *shape: int) -> LayerCase:
-    return LayerCase(name, lambda: nn.Sequential(*layers(), nn.Flatten(), nn.LazyLinear(3)), _randn(*shape))
+    return LayerCase(
+        name, lambda: nn.Sequential(*layers(), nn.Flatten(), nn.LazyLinear(3)), _randn(*shape)
+    )
 
 
 # parameter-free layers between parametrised ones: every layer's input Jacobian is exercised
 CHAIN_CASES: list[LayerCase] = [
     *(
-        _chain(f"Linear-{act.__name__}-Linear", lambda act=act, kw=kw: [nn.Linear(4, 5), act(**kw), nn.Linear(5, 4)], 4)
+        _chain(
+            f"Linear-{act.__name__}-Linear",
+            lambda act=act, kw=kw: [nn.Linear(4, 5), act(**kw), nn.Linear(5, 4)],
+            4,
+        )
         for act, kw in [
             (nn.ReLU, {}),
             (nn.Sigmoid, {}),
@@ -230,41 +302,183 @@ CHAIN_CASES: list[LayerCase] = [
             (nn.Dropout, {"p": 0.3}),
         ]
     ),
-    _chain("Linear-ReLUinplace-Linear", lambda: [nn.Linear(4, 5), nn.ReLU(inplace=True), nn.Linear(5, 4)], 4),
-    _chain("Linear-Sigmoid-extradims", lambda: [nn.Linear(4, 5), nn.Sigmoid(), nn.Linear(5, 2)], 3, 4),
+    _chain(
+        "Linear-ReLUinplace-Linear",
+        lambda: [nn.Linear(4, 5), nn.ReLU(inplace=True), nn.Linear(5, 4)],
+        4,
+    ),
+    _chain(
+        "Linear-Sigmoid-extradims", lambda: [nn.Linear(4, 5), nn.Sigmoid(), nn.Linear(5, 2)], 3, 4
+    ),
     _chain("Linear-BatchNorm1d-Tanh", lambda: [nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Tanh()], 4),
-    _chain("Linear-Unflatten-Conv1d", lambda: [nn.Linear(4, 6), nn.Unflatten(1, (2, 3)), nn.Conv1d(2, 2, 2)], 4),
-    _chain("Conv1d-MaxPool1d-Conv1d", lambda: [nn.Conv1d(2, 3, 2), nn.MaxPool1d(2, ceil_mode=True), nn.Conv1d(3, 2, 2)], 2, 8),
-    _chain("Conv1d-AvgPool1d-ConvT1d", lambda: [nn.Conv1d(2, 3, 2), nn.AvgPool1d(3, 2, padding=1, count_include_pad=False), nn.ConvTranspose1d(3, 2, 2, stride=2)], 2, 8),
-    _chain("Conv1d-AdaptiveAvgPool1d-Sigmoid", lambda: [nn.Conv1d(2, 3, 2), nn.AdaptiveAvgPool1d(3), nn.Sigmoid()], 2, 9),
-    _chain("Conv1d-ConstantPad1d-Conv1d", lambda: [nn.Conv1d(2, 3, 2), nn.ConstantPad1d((1, 2), 0.5), nn.Conv1d(3, 2, 3)], 2, 6),
-    _chain("Conv2d-MaxPool2d-Conv2d", lambda: [nn.Conv2d(2, 3, 3, padding=1), nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True), nn.Conv2d(3, 2, 2)], 2, 7, 7),
-    _chain("Conv2d-AvgPool2d-Tanh", lambda: [nn.Conv2d(2, 3, 2), nn.AvgPool2d(3, 2, count_include_pad=False, ceil_mode=True), nn.Tanh()], 2, 7, 6),
-    _chain("Conv2d-AdaptiveAvgPool2d-Conv2d", lambda: [nn.Conv2d(2, 3, 2), nn.AdaptiveAvgPool2d((3, 2)), nn.Conv2d(3, 2, 1)], 2, 8, 6),
-    _chain("Conv2d-AdaptiveMaxPool2d-ELU", lambda: [nn.Conv2d(2, 3, 2), nn.AdaptiveMaxPool2d(2), nn.ELU()], 2, 6, 5),
-    _chain("Conv2d-ZeroPad2d-Conv2d", lambda: [nn.Conv2d(2, 3, 2), nn.ZeroPad2d((1, 0, 2, 1)), nn.Conv2d(3, 2, 3, groups=1)], 2, 5, 5),
-    _chain("Conv2d-ConstantPad2d-ConvT2d", lambda: [nn.Conv2d(2, 4, 2), nn.ConstantPad2d(1, -0.3), nn.ConvTranspose2d(4, 2, 3, stride=2, groups=2)], 2, 4, 4),
-    _chain("Conv2d-BatchNorm2d-Sigmoid-Conv2d", lambda: [nn.Conv2d(2, 3, 2), nn.BatchNorm2d(3), nn.Sigmoid(), nn.Conv2d(3, 2, 2, stride=2, padding=1)], 2, 5, 5),
-    _chain("Conv3d-MaxPool3d-Conv3d", lambda: [nn.Conv3d(2, 2, 2), nn.MaxPool3d(2), nn.Conv3d(2, 2, 1)], 2, 5, 5, 4),
-    _chain("Conv3d-AvgPool3d-ConstantPad3d", lambda: [nn.Conv3d(2, 2, 2), nn.AvgPool3d(2, ceil_mode=True), nn.ConstantPad3d(1, 0.0)], 2, 4, 5, 4),
-    _chain("Conv3d-AdaptiveAvgPool3d-BatchNorm3d", lambda: [nn.Conv3d(2, 2, 2), nn.AdaptiveAvgPool3d((2, 1, 3)), nn.BatchNorm3d(2)], 2, 4, 4, 5),
-    _chain("ConvT2d-Sigmoid-ConvT2d", lambda: [nn.ConvTranspose2d(2, 3, 2), nn.Sigmoid(), nn.ConvTranspose2d(3, 2, 3, padding=1, dilation=2)], 2, 3, 3),
-    _chain("ConvT3d-Tanh-Conv3d", lambda: [nn.ConvTranspose3d(2, 2, 2), nn.Tanh(), nn.Conv3d(2, 2, 2, padding=1)], 2, 2, 2, 3),
+    _chain(
+        "Linear-Unflatten-Conv1d",
+        lambda: [nn.Linear(4, 6), nn.Unflatten(1, (2, 3)), nn.Conv1d(2, 2, 2)],
+        4,
+    ),
+    _chain(
+        "Conv1d-MaxPool1d-Conv1d",
+        lambda: [nn.Conv1d(2, 3, 2), nn.MaxPool1d(2, ceil_mode=True), nn.Conv1d(3, 2, 2)],
+        2,
+        8,
+    ),
+    _chain(
+        "Conv1d-AvgPool1d-ConvT1d",
+        lambda: [
+            nn.Conv1d(2, 3, 2),
+            nn.AvgPool1d(3, 2, padding=1, count_include_pad=False),
+            nn.ConvTranspose1d(3, 2, 2, stride=2),
+        ],
+        2,
+        8,
+    ),
+    _chain(
+        "Conv1d-AdaptiveAvgPool1d-Sigmoid",
+        lambda: [nn.Conv1d(2, 3, 2), nn.AdaptiveAvgPool1d(3), nn.Sigmoid()],
+        2,
+        9,
+    ),
+    _chain(
+        "Conv1d-ConstantPad1d-Conv1d",
+        lambda: [nn.Conv1d(2, 3, 2), nn.ConstantPad1d((1, 2), 0.5), nn.Conv1d(3, 2, 3)],
+        2,
+        6,
+    ),
+    _chain(
+        "Conv2d-MaxPool2d-Conv2d",
+        lambda: [
+            nn.Conv2d(2, 3, 3, padding=1),
+            nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True),
+            nn.Conv2d(3, 2, 2),
+        ],
+        2,
+        7,
+        7,
+    ),
+    _chain(
+        "Conv2d-AvgPool2d-Tanh",
+        lambda: [
+            nn.Conv2d(2, 3, 2),
+            nn.AvgPool2d(3, 2, count_include_pad=False, ceil_mode=True),
+            nn.Tanh(),
+        ],
+        2,
+        7,
+        6,
+    ),
+    _chain(
+        "Conv2d-AdaptiveAvgPool2d-Conv2d",
+        lambda: [nn.Conv2d(2, 3, 2), nn.AdaptiveAvgPool2d((3, 2)), nn.Conv2d(3, 2, 1)],
+        2,
+        8,
+        6,
+    ),
+    _chain(
+        "Conv2d-AdaptiveMaxPool2d-ELU",
+        lambda: [nn.Conv2d(2, 3, 2), nn.AdaptiveMaxPool2d(2), nn.ELU()],
+        2,
+        6,
+        5,
+    ),
+    _chain(
+        "Conv2d-ZeroPad2d-Conv2d",
+        lambda: [nn.Conv2d(2, 3, 2), nn.ZeroPad2d((1, 0, 2, 1)), nn.Conv2d(3, 2, 3, groups=1)],
+        2,
+        5,
+        5,
+    ),
+    _chain(
+        "Conv2d-ConstantPad2d-ConvT2d",
+        lambda: [
+            nn.Conv2d(2, 4, 2),
+            nn.ConstantPad2d(1, -0.3),
+            nn.ConvTranspose2d(4, 2, 3, stride=2, groups=2),
+        ],
+        2,
+        4,
+        4,
+    ),
+    _chain(
+        "Conv2d-BatchNorm2d-Sigmoid-Conv2d",
+        lambda: [
+            nn.Conv2d(2, 3, 2),
+            nn.BatchNorm2d(3),
+            nn.Sigmoid(),
+            nn.Conv2d(3, 2, 2, stride=2, padding=1),
+        ],
+        2,
+        5,
+        5,
+    ),
+    _chain(
+        "Conv3d-MaxPool3d-Conv3d",
+        lambda: [nn.Conv3d(2, 2, 2), nn.MaxPool3d(2), nn.Conv3d(2, 2, 1)],
+        2,
+        5,
+        5,
+        4,
+    ),
+    _chain(
+        "Conv3d-AvgPool3d-ConstantPad3d",
+        lambda: [nn.Conv3d(2, 2, 2), nn.AvgPool3d(2, ceil_mode=True), nn.ConstantPad3d(1, 0.0)],
+        2,
+        4,
+        5,
+        4,
+    ),
+    _chain(
+        "Conv3d-AdaptiveAvgPool3d-BatchNorm3d",
+        lambda: [nn.Conv3d(2, 2, 2), nn.AdaptiveAvgPool3d((2, 1, 3)), nn.BatchNorm3d(2)],
+        2,
+        4,
+        4,
+        5,
+    ),
+    _chain(
+        "ConvT2d-Sigmoid-ConvT2d",
+        lambda: [
+            nn.ConvTranspose2d(2, 3, 2),
+            nn.Sigmoid(),
+            nn.ConvTranspose2d(3, 2, 3, padding=1, dilation=2),
+        ],
+        2,
+        3,
+        3,
+    ),
+    _chain(
+        "ConvT3d-Tanh-Conv3d",
+        lambda: [nn.ConvTranspose3d(2, 2, 2), nn.Tanh(), nn.Conv3d(2, 2, 2, padding=1)],
+        2,
+        2,
+        2,
+        3,
+    ),
     LayerCase(
         "Embedding-Linear-extradims",
-        lambda: nn.Sequential(nn.Embedding(7, 4), nn.Linear(4, 3), nn.Tanh(), nn.Flatten(), nn.LazyLinear(3)),
+        lambda: nn.Sequential(
+            nn.Embedding(7, 4), nn.Linear(4, 3), nn.Tanh(), nn.Flatten(), nn.LazyLinear(3)
+        ),
         _embedding_input,
     ),
 ]
 
 # case-name substring -> why it is not expected to pass
-GAPS: dict[str, str] = {}
-_NO_RULE = "the test's TimeMajor/AllOutputs modules have no rule (second order needs one everywhere)"
+# layer families kept in files of their own (imported here: they use the helpers above)
+from tests import cases_activations, cases_attention, cases_norm  # noqa: E402
+
+_FAMILIES = (cases_activations, cases_norm, cases_attention)
+LAYER_CASES += [c for f in _FAMILIES for c in f.CASES]
+
+GAPS: dict[str, str] = {k: v for f in _FAMILIES for k, v in f.GAPS.items()}
+_NO_RULE = (
+    "the test's TimeMajor/AllOutputs modules have no rule (second order needs one everywhere)"
+)
 GGN_GAPS: dict[str, str] = {**GAPS, "-tf-": _NO_RULE, "-all-": _NO_RULE}
 _NO_HESSIAN = "DiagHessian through recurrent layers is not supported (internal second derivatives)"
 SECOND_ORDER_GAPS: dict[str, str] = {
     **GGN_GAPS,
     **{key: _NO_HESSIAN for key in ("RNN", "LSTM", "GRU")},
+    **{k: v for f in _FAMILIES for k, v in f.HESSIAN_GAPS.items()},
 }
 
 

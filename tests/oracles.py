@@ -15,7 +15,9 @@ def loss_scale(lossfunc: nn.Module, out: Tensor, y: Tensor) -> float:
     return (lossfunc(out, y) / summed).item()
 
 
-def per_sample_grads(model: nn.Module, lossfunc: nn.Module, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+def per_sample_grads(
+    model: nn.Module, lossfunc: nn.Module, x: Tensor, y: Tensor
+) -> dict[str, Tensor]:
     """Per-sample gradients ``[n, *p]`` of sample n's contribution to the batch loss.
 
     ``vmap(grad)`` over ``functional_call``; falls back to a loop over samples for layers
@@ -59,14 +61,18 @@ def ggn_diag(model: nn.Module, lossfunc: nn.Module, x: Tensor, y: Tensor, per_sa
         j = jac[name].reshape(out.numel(), p.numel())
         if per_sample:
             jn = j.reshape(n, per, -1)
-            hn = torch.stack([hess[i * per : (i + 1) * per, i * per : (i + 1) * per] for i in range(n)])
+            hn = torch.stack(
+                [hess[i * per : (i + 1) * per, i * per : (i + 1) * per] for i in range(n)]
+            )
             result[name] = torch.einsum("nap,nab,nbp->np", jn, hn, jn).reshape(n, *p.shape)
         else:
             result[name] = torch.einsum("ap,ab,bp->p", j, hess, j).reshape(p.shape)
     return result
 
 
-def hessian_diag(model: nn.Module, lossfunc: nn.Module, x: Tensor, y: Tensor, per_sample: bool = False):
+def hessian_diag(
+    model: nn.Module, lossfunc: nn.Module, x: Tensor, y: Tensor, per_sample: bool = False
+):
     """Diagonal of the loss Hessian w.r.t. each parameter, by double backward (torch.func.hessian
     of each parameter's own block).
 
@@ -80,15 +86,24 @@ def hessian_diag(model: nn.Module, lossfunc: nn.Module, x: Tensor, y: Tensor, pe
     def diag(loss_fn, xs, ys):
         result = {}
         for k, p in params.items():
+
             def of_k(pk, k=k):
                 return loss_fn(f({**params, k: pk}, xs), ys)
 
-            result[k] = torch.func.hessian(of_k)(p).reshape(p.numel(), p.numel()).diagonal().reshape(p.shape)
+            result[k] = (
+                torch.func.hessian(of_k)(p)
+                .reshape(p.numel(), p.numel())
+                .diagonal()
+                .reshape(p.shape)
+            )
         return result
 
     if not per_sample:
         return diag(lossfunc, x, y)
-    rows = [diag(lambda o, t: scale * summed(o, t), x[i : i + 1], y[i : i + 1]) for i in range(x.shape[0])]
+    rows = [
+        diag(lambda o, t: scale * summed(o, t), x[i : i + 1], y[i : i + 1])
+        for i in range(x.shape[0])
+    ]
     return {k: torch.stack([r[k] for r in rows]) for k in params}
 
 

@@ -15,14 +15,46 @@ CONV_CASES = [c for c in LAYER_CASES if c.name.startswith("Conv")]
 
 # configurations beyond the shared cases: (layer, input shape without batch, forward kwargs)
 EXTRA = {
-    "ConvTranspose1d-outpad-dil": (lambda: nn.ConvTranspose1d(2, 3, 3, dilation=3, output_padding=2), (2, 5), {}),
-    "ConvTranspose2d-output_size": (lambda: nn.ConvTranspose2d(2, 3, 3, stride=2, padding=1), (2, 4, 3), {"output_size": (8, 6)}),
-    "ConvTranspose3d-pad-dil": (lambda: nn.ConvTranspose3d(2, 2, 2, stride=(1, 2, 1), padding=1, dilation=2), (2, 3, 3, 4), {}),
-    "Conv1d-circular-same-even": (lambda: nn.Conv1d(2, 3, 4, padding="same", padding_mode="circular"), (2, 7), {}),
-    "Conv2d-reflect-stride": (lambda: nn.Conv2d(2, 3, 3, stride=2, padding=(2, 1), padding_mode="reflect"), (2, 6, 7), {}),
-    "Conv3d-replicate-dil": (lambda: nn.Conv3d(2, 2, 2, padding=(1, 2, 0), dilation=2, padding_mode="replicate"), (2, 4, 5, 4), {}),
-    "Conv3d-circular": (lambda: nn.Conv3d(2, 4, 3, padding=1, padding_mode="circular", groups=2), (2, 3, 4, 3), {}),
-    "Conv3d-same-even": (lambda: nn.Conv3d(2, 3, (2, 3, 4), padding="same", dilation=(1, 1, 2)), (2, 4, 3, 6), {}),
+    "ConvTranspose1d-outpad-dil": (
+        lambda: nn.ConvTranspose1d(2, 3, 3, dilation=3, output_padding=2),
+        (2, 5),
+        {},
+    ),
+    "ConvTranspose2d-output_size": (
+        lambda: nn.ConvTranspose2d(2, 3, 3, stride=2, padding=1),
+        (2, 4, 3),
+        {"output_size": (8, 6)},
+    ),
+    "ConvTranspose3d-pad-dil": (
+        lambda: nn.ConvTranspose3d(2, 2, 2, stride=(1, 2, 1), padding=1, dilation=2),
+        (2, 3, 3, 4),
+        {},
+    ),
+    "Conv1d-circular-same-even": (
+        lambda: nn.Conv1d(2, 3, 4, padding="same", padding_mode="circular"),
+        (2, 7),
+        {},
+    ),
+    "Conv2d-reflect-stride": (
+        lambda: nn.Conv2d(2, 3, 3, stride=2, padding=(2, 1), padding_mode="reflect"),
+        (2, 6, 7),
+        {},
+    ),
+    "Conv3d-replicate-dil": (
+        lambda: nn.Conv3d(2, 2, 2, padding=(1, 2, 0), dilation=2, padding_mode="replicate"),
+        (2, 4, 5, 4),
+        {},
+    ),
+    "Conv3d-circular": (
+        lambda: nn.Conv3d(2, 4, 3, padding=1, padding_mode="circular", groups=2),
+        (2, 3, 4, 3),
+        {},
+    ),
+    "Conv3d-same-even": (
+        lambda: nn.Conv3d(2, 3, (2, 3, 4), padding="same", dilation=(1, 1, 2)),
+        (2, 4, 3, 6),
+        {},
+    ),
 }
 
 

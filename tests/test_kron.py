@@ -142,7 +142,9 @@ def test_kfra_single_linear_batch_one_equals_kflr():
 def test_kfra_conv_flatten_linear_float64():
     """The original fails here in float64; the conv G sums the dense block over positions."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(2, 3, 2), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 3)).to(D)
+    model = nn.Sequential(nn.Conv2d(2, 3, 2), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 3)).to(
+        D
+    )
     x, y = torch.randn(4, 2, 5, 5, dtype=D), torch.randint(0, 3, (4,))
     run(model, nn.CrossEntropyLoss(), x, y, KFRA(), KFLR())
     conv = model[0]
@@ -191,7 +193,9 @@ def test_conv_layout(conv, shape):
     if transposed:
         patches = transposed_patches(conv, x, model[0](x).shape[2:])
     elif isinstance(conv, nn.Conv2d):
-        patches = nn.functional.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride)
+        patches = nn.functional.unfold(
+            x, conv.kernel_size, conv.dilation, conv.padding, conv.stride
+        )
     else:
         return
     patches = patches.reshape(3, groups, -1, patches.shape[-1])
@@ -207,7 +211,9 @@ def _blocks(m, groups):
 def test_transposed_patches_give_the_weight_gradient():
     """sum_{n,t} g[n, o, t] patches[n, (i, k), t] is the gradient of weight.transpose(0, 1)."""
     torch.manual_seed(0)
-    conv = nn.ConvTranspose2d(2, 3, (3, 2), stride=(2, 1), padding=(1, 0), output_padding=(1, 0), dilation=(1, 2)).to(D)
+    conv = nn.ConvTranspose2d(
+        2, 3, (3, 2), stride=(2, 1), padding=(1, 0), output_padding=(1, 0), dilation=(1, 2)
+    ).to(D)
     x = torch.randn(2, 2, 4, 3, dtype=D)
     out = conv(x)
     g = torch.randn_like(out)
@@ -246,7 +252,9 @@ def test_kfra_linear_extra_dims_expand_equals_kflr():
 @pytest.mark.parametrize("ext", [KFAC, KFLR, KFRA])
 def test_unsupported_layers_raise(layer, x, ext):
     model = nn.Sequential(layer(), nn.Linear(4, 3)).to(D)
-    with pytest.raises(NotImplementedError, match=rf"{ext.__name__}: no Kronecker .*(BatchNorm1d|Embedding)"):
+    with pytest.raises(
+        NotImplementedError, match=rf"{ext.__name__}: no Kronecker .*(BatchNorm1d|Embedding)"
+    ):
         run(model, nn.CrossEntropyLoss(), x(), torch.tensor([0, 1, 2]), ext())
 
 

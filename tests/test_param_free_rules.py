@@ -57,11 +57,27 @@ CASES = [
     ("AdaptiveMaxPool2d", lambda: nn.AdaptiveMaxPool2d((3, 4)), (2, 7, 9)),
     ("AdaptiveMaxPool3d", lambda: nn.AdaptiveMaxPool3d((2, None, 3)), (2, 3, 4, 5)),
     # average pooling
-    ("AvgPool1d", lambda: nn.AvgPool1d(3, 2, padding=1, count_include_pad=False, ceil_mode=True), (2, 8)),
+    (
+        "AvgPool1d",
+        lambda: nn.AvgPool1d(3, 2, padding=1, count_include_pad=False, ceil_mode=True),
+        (2, 8),
+    ),
     ("AvgPool2d", lambda: nn.AvgPool2d(2), (2, 4, 6)),
-    ("AvgPool2d-nopad-ceil", lambda: nn.AvgPool2d(3, 2, count_include_pad=False, ceil_mode=True), (2, 8, 7)),
-    ("AvgPool2d-pad-divisor", lambda: nn.AvgPool2d((3, 2), stride=1, padding=1, divisor_override=4), (2, 5, 4)),
-    ("AvgPool3d", lambda: nn.AvgPool3d(2, padding=1, ceil_mode=True, count_include_pad=False), (2, 3, 4, 5)),
+    (
+        "AvgPool2d-nopad-ceil",
+        lambda: nn.AvgPool2d(3, 2, count_include_pad=False, ceil_mode=True),
+        (2, 8, 7),
+    ),
+    (
+        "AvgPool2d-pad-divisor",
+        lambda: nn.AvgPool2d((3, 2), stride=1, padding=1, divisor_override=4),
+        (2, 5, 4),
+    ),
+    (
+        "AvgPool3d",
+        lambda: nn.AvgPool3d(2, padding=1, ceil_mode=True, count_include_pad=False),
+        (2, 3, 4, 5),
+    ),
     ("AdaptiveAvgPool1d", lambda: nn.AdaptiveAvgPool1d(4), (2, 7)),
     ("AdaptiveAvgPool2d", lambda: nn.AdaptiveAvgPool2d((3, 5)), (2, 7, 9)),
     ("AdaptiveAvgPool3d", lambda: nn.AdaptiveAvgPool3d((2, 3, None)), (2, 3, 5, 4)),

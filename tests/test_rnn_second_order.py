@@ -96,10 +96,15 @@ def test_time_major_layout(cls):
 def test_diag_hessian_raises_clear_error(ext, first):
     torch.manual_seed(0)
     pre = [] if first else [nn.Linear(4, 4)]
-    model = nn.Sequential(*pre, nn.LSTM(4, 3, batch_first=True), ReduceTuple(0), nn.Flatten(), nn.Linear(15, 3))
+    model = nn.Sequential(
+        *pre, nn.LSTM(4, 3, batch_first=True), ReduceTuple(0), nn.Flatten(), nn.Linear(15, 3)
+    )
     model, lossfunc = extend(model.double()), extend(nn.CrossEntropyLoss())
     x, y = torch.randn(2, 5, 4, dtype=torch.float64), torch.tensor([0, 2])
-    with backpack(ext()), pytest.raises(NotImplementedError, match="LSTM.*not supported.*DiagGGNExact"):
+    with (
+        backpack(ext()),
+        pytest.raises(NotImplementedError, match="LSTM.*not supported.*DiagGGNExact"),
+    ):
         lossfunc(model(x), y).backward()
 
 

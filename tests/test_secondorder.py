@@ -59,7 +59,9 @@ MC_PROBLEMS = [
 @pytest.mark.parametrize("problem", MC_PROBLEMS, ids=lambda p: p.id)
 def test_mc_converges_to_exact_and_is_reproducible(problem):
     problem.skip_gaps(SECOND_ORDER_GAPS)
-    model, *_ = problem.run([DiagGGNMC(mc_samples=20000), BatchDiagGGNMC(mc_samples=20000), DiagGGNExact()])
+    model, *_ = problem.run(
+        [DiagGGNMC(mc_samples=20000), BatchDiagGGNMC(mc_samples=20000), DiagGGNExact()]
+    )
     first = {n: p.diag_ggn_mc.clone() for n, p in model.named_parameters()}
     for name, p in model.named_parameters():
         assert p.diag_ggn_mc_batch.shape == (problem.n, *p.shape)
@@ -77,7 +79,11 @@ SUB = [p for p in problems(CHAIN_CASES[:3]) if p.n == 3 and p.loss == "ce"]
 @pytest.mark.parametrize("problem", SUB, ids=lambda p: p.id)
 def test_subsampling_second_order(problem):
     idx = [2, 0, 0]
-    exts = [BatchDiagGGNExact(subsampling=idx), DiagGGNExact(subsampling=idx), BatchDiagHessian(subsampling=idx)]
+    exts = [
+        BatchDiagGGNExact(subsampling=idx),
+        DiagGGNExact(subsampling=idx),
+        BatchDiagHessian(subsampling=idx),
+    ]
     model, lossfunc, x, y = problem.run(exts)
     ggn_n = ggn_diag(model, lossfunc, x, y, per_sample=True)
     hess_n = hessian_diag(model, lossfunc, x, y, per_sample=True)
@@ -92,8 +98,12 @@ def test_subsampling_second_order(problem):
 def test_log_softmax_nll_equals_cross_entropy(reduction, options):
     """LogSoftmax -> NLLLoss: the pair's GGN (= cross-entropy's) and the exact Hessian."""
     torch.manual_seed(0)
-    kw = {k: torch.tensor(v, dtype=torch.float64) if k == "weight" else v for k, v in options.items()}
-    logits = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).double()
+    kw = {
+        k: torch.tensor(v, dtype=torch.float64) if k == "weight" else v for k, v in options.items()
+    }
+    logits = torch.nn.Sequential(
+        torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)
+    ).double()
     model = torch.nn.Sequential(logits, torch.nn.LogSoftmax(dim=1))
     nll = torch.nn.NLLLoss(reduction=reduction, **kw)
     x, y = torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 2, 0])
@@ -118,7 +128,9 @@ PWL = [p for p in PROBLEMS if p.case.name in PWL_CASES and p.loss != "bce"]
 @pytest.mark.parametrize("problem", PWL, ids=lambda p: p.id)
 def test_ggn_equals_hessian_on_piecewise_linear_nets_with_mse_ce(problem):
     """With MSE/CE and piecewise-linear layers, the Hessian diagonal is the GGN diagonal."""
-    model, *_ = problem.run([DiagGGNExact(), DiagHessian(), BatchDiagGGNExact(), BatchDiagHessian()])
+    model, *_ = problem.run(
+        [DiagGGNExact(), DiagHessian(), BatchDiagGGNExact(), BatchDiagHessian()]
+    )
     for p in model.parameters():
         torch.testing.assert_close(p.diag_h, p.diag_ggn_exact)
         torch.testing.assert_close(p.diag_h_batch, p.diag_ggn_exact_batch)

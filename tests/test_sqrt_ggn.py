@@ -14,7 +14,8 @@ from tests.oracles import ggn_block
 PROBLEMS = [
     p
     for p in problems(LAYER_CASES + CHAIN_CASES)
-    if (p.reduction, p.n) in {("mean", 3), ("sum", 1)} and p.loss == ("ce" if len(p.case.name) % 2 else "mse")
+    if (p.reduction, p.n) in {("mean", 3), ("sum", 1)}
+    and p.loss == ("ce" if len(p.case.name) % 2 else "mse")
 ]
 
 

@@ -4,6 +4,7 @@ from backpack.derivatives import (
     batchnorm,  # noqa: F401
     conv,  # noqa: F401
     conv_transpose,  # noqa: F401
+    custom,  # noqa: F401
     elementwise,  # noqa: F401
     embedding,  # noqa: F401
     linear,  # noqa: F401

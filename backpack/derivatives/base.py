@@ -11,6 +11,8 @@ Shape letters, used in docstrings and einsum strings throughout the package:
 A rule is stateless. Its methods receive the module and ``io``, the record of one forward call
 (``io.inputs``, ``io.output``, ``io.kwargs``, detached), plus what flows backward:
     jac_t_mat_prod(module, io, mat)                       [v, n, *out] -> [v, n, *in]
+        (modules with several tensor inputs return a tuple, one entry per input, None where
+        an input is not differentiated)
     jac_mat_prod(module, io, mat)                         [v, n, *in]  -> [v, n, *out]
     param_jac_t_mat_prod(module, io, mat, name, sum_batch) [v, n, *out] -> [v, (n,) *param]
     param_jac_mat_prod(module, io, mat, name)             [v, *param]  -> [v, n, *out]
@@ -86,6 +88,25 @@ class Rule:
     def residual_diag(self, module: Module, io: IO, g: Tensor) -> Tensor | None:
         """Hessian residual ``d2out/din2 . g`` as a diagonal ``[n, *in]``, for an elementwise
         layer ``f``: ``f''(x) * g``. None where the layer is (piecewise) linear in its input."""
+        return None
+
+    def residual_factors(self, module: Module, io: IO, g: Any) -> list[tuple[float, Any]]:
+        """Signed factors ``[(sign, R [r, n, *in])]`` with ``sum sign R R^T`` the Hessian
+        residual ``sum_k g_k d2out_k/din2`` (block-diagonal over samples); ``[]`` where the
+        layer is linear in its input. Modules with several inputs give ``R`` as a tuple, one
+        ``[r, n, *in_i]`` (or None) per input. Default: ``residual_diag`` split by sign;
+        non-elementwise layers override it, e.g. with ``dense_factors``."""
+        diag = self.residual_diag(module, io, g)
+        if diag is None:
+            return []
+        parts = ((1.0, diag.clamp(min=0)), (-1.0, (-diag).clamp(min=0)))
+        return [(sign, diag_columns(part.sqrt())) for sign, part in parts if part.any()]
+
+    def param_residual_diag(
+        self, module: Module, io: IO, g: Any, name: str, sum_batch: bool = True
+    ) -> Tensor | None:
+        """Diagonal of ``sum_k g_k d2out_k/dtheta2`` ``[(n,) *param]``, the parameter's own
+        Hessian residual (DiagHessian adds it); None where the output is linear in it."""
         return None
 
     def param_jac_t_mat_prod(
@@ -192,6 +213,19 @@ def diag_columns(root: Tensor) -> Tensor:
     n, shape = root.shape[0], root.shape[1:]
     flat = root.reshape(n, -1)
     return torch.diag_embed(flat).permute(2, 0, 1).reshape(flat.shape[1], n, *shape)
+
+
+def dense_factors(hess: Tensor, shape: tuple[int, ...]) -> list[tuple[float, Tensor]]:
+    """Signed factors of per-sample symmetric matrices ``hess [n, D, D]`` by eigendecomposition:
+    ``[(+1, R+), (-1, R-)]`` with ``R [D, n, *shape]`` and ``R+ R+^T - R- R-^T = hess``."""
+    evals, evecs = torch.linalg.eigh(hess)
+    n = hess.shape[0]
+    out = []
+    for sign, lam in ((1.0, evals.clamp(min=0)), (-1.0, (-evals).clamp(min=0))):
+        if lam.any():
+            cols = (evecs * lam.sqrt().unsqueeze(1)).permute(2, 0, 1)  # [D (column), n, D]
+            out.append((sign, cols.reshape(-1, n, *shape)))
+    return out
 
 
 def chunks(n: int, per_sample: int, budget: int = 1 << 24) -> list[slice]:

@@ -58,9 +58,7 @@ class MaxPoolRule(Rule):
                 _, idx = pool(x, module.output_size, return_indices=True)
             else:
                 m = module
-                _, idx = pool(
-                    x, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, True
-                )
+                _, idx = pool(x, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, True)
             io.cache[("argmax",)] = idx
         return dim, io.cache[("argmax",)]
 

@@ -15,8 +15,10 @@ from backpack.derivatives.base import IO, Rule, register
 class _SoftmaxBase(Rule):
     def dim(self, module: nn.Module, io: IO) -> int:
         """``module.dim`` as an axis of ``[v, n, *out]``."""
-        d = module.dim if module.dim is not None else nn.functional._get_softmax_dim(
-            type(module).__name__.lower(), io.output.dim(), 3
+        d = (
+            module.dim
+            if module.dim is not None
+            else nn.functional._get_softmax_dim(type(module).__name__.lower(), io.output.dim(), 3)
         )
         return d % io.output.dim() + 1
 

@@ -15,7 +15,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from backpack.derivatives.base import diag_columns
 from backpack.extensions.base import BackpropExtension, Call
 
 
@@ -27,7 +26,8 @@ class Stream:
     Each loss is an origin with its exact (or, with ``mc_samples``, sampled) factor. Factors of one
     origin that reach a tensor along several paths are summed; different origins stay separate
     (their columns are unrelated). With ``residuals`` (the Hessian instead of the GGN) each curved
-    elementwise layer adds its residual ``diag(f'' g)``, split into positive and negative parts.
+    layer adds its residual ``sum_k g_k d2out_k/din2`` as signed factors (for an elementwise layer
+    ``diag(f'' g)`` split into positive and negative parts).
     """
 
     mc_samples: int | None = None
@@ -42,18 +42,24 @@ class Stream:
         origin = (tag, id(call.io)) if tag else id(call.io)
         return {origin: (1.0, root if scale == 1.0 else root * scale**0.5)}
 
-    def propagate(self, call: Call, terms: dict) -> dict:
-        jac_t = call.rule.jac_t_mat_prod
-        out = {o: (s, jac_t(call.module, call.io, m)) for o, (s, m) in terms.items()}
+    def propagate(self, call: Call, terms: dict) -> list[dict]:
+        """The signed factors w.r.t. each input of the module (one dict per input)."""
+        outs: list[dict] = [{} for _ in range(max(len(call.in_keys), 1))]
+
+        def put(origin: Any, sign: float, mats: Any) -> None:
+            for i, m in enumerate(mats if isinstance(mats, tuple) else (mats,)):
+                if m is not None:
+                    outs[i][origin] = (sign, m)
+
+        for o, (s, m) in terms.items():
+            put(o, s, call.rule.jac_t_mat_prod(call.module, call.io, m))
         tag = getattr(call.rule, "closes_tag", None)
-        if tag and all(isinstance(o, tuple) and o[0] == tag for o in out):
-            return {o[1]: t for o, t in out.items()}  # the loss already holds this residual
-        residual = call.rule.residual_diag(call.module, call.io, call.g) if self.residuals else None
-        if residual is not None:
-            for sign, part in ((1.0, residual.clamp(min=0)), (-1.0, (-residual).clamp(min=0))):
-                if part.any():
-                    out[(id(call.io), sign)] = (sign, diag_columns(part.sqrt()))
-        return out
+        if tag and all(isinstance(o, tuple) and o[0] == tag for o in outs[0]):
+            return [{o[1]: t for o, t in outs[0].items()}]  # the loss already holds this residual
+        if self.residuals:
+            for i, (sign, r) in enumerate(call.rule.residual_factors(call.module, call.io, call.g)):
+                put((id(call.io), i), sign, r)
+        return [o or None for o in outs]
 
     @staticmethod
     def accumulate(old: dict, new: dict) -> dict:
@@ -138,20 +144,21 @@ def run_streams(call: Call, exts: tuple[BackpropExtension, ...], flowing: dict) 
     for ext in exts:
         if ext.stream is not None:
             groups.setdefault(ext.stream, []).append(ext)
-    key = call.in_keys[0] if call.in_keys else None
     for stream, group in groups.items():
         if call.rule.is_loss:  # the root: what flows into the loss's input
             call.rule.check(call.module, call.io, group[0])
-            new = stream.start(call, _loss_scale(call))
+            new = [stream.start(call, _loss_scale(call))]
         else:
             value = flowing.pop((stream, *call.out_key), None)
             if value is None:
                 raise _missing(call, group)
             for ext in group:
                 ext.store(call, value)
-            if key is None:
+            if not any(call.in_keys):
                 continue
             new = stream.propagate(call, value)
-        if key is not None:
-            old = flowing.get((stream, *key))
-            flowing[(stream, *key)] = new if old is None else stream.accumulate(old, new)
+            new = new if isinstance(new, list) else [new]
+        for key, value in zip(call.in_keys, new):
+            if key is not None and value is not None:
+                old = flowing.get((stream, *key))
+                flowing[(stream, *key)] = value if old is None else stream.accumulate(old, value)

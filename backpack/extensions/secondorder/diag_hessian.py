@@ -3,6 +3,11 @@ signed factors (the loss Hessian's root and each curved layer's residual, split 
 
 from __future__ import annotations
 
+from typing import Any
+
+from torch import Tensor
+
+from backpack.extensions.base import Call
 from backpack.extensions.secondorder.base import SecondOrderExtension, Stream
 
 
@@ -12,6 +17,14 @@ class DiagHessian(SecondOrderExtension):
     def __init__(self, subsampling: list[int] | None = None):
         super().__init__("diag_h" if self.sum_batch else "diag_h_batch", subsampling)
         self.stream = Stream(residuals=True)
+
+    def param_value(self, call: Call, io: Any, terms: dict, name: str) -> Tensor:
+        """The backpropagated part plus the parameter's own residual (if the module's output
+        is not linear in it)."""
+        value = super().param_value(call, io, terms, name)
+        g = call.view(self.subsampling)[1]
+        own = call.rule.param_residual_diag(call.module, io, g, name, sum_batch=self.sum_batch)
+        return value if own is None else value + own
 
 
 class BatchDiagHessian(DiagHessian):

@@ -58,22 +58,36 @@ class DenseStream:
         root = call.rule.sqrt_hessian(call.module, call.io).flatten(2)
         return torch.einsum("cnd,cne->de", root, root) * scale
 
-    def propagate(self, call: Call, dense: Tensor) -> Tensor:
-        """``(1/N) sum_n J_n^T G J_n``: ``J^T`` on G's columns per sample, transpose, again."""
+    def propagate(self, call: Call, dense: Tensor) -> list[Tensor | None]:
+        """``(1/N) sum_n J_n^T G J_n`` per input: ``J^T`` on G's columns per sample, transpose,
+        again."""
         rule, module, g = call.rule, call.module, call.grads[0]
         n, out, d = g.shape[0], g.shape[1:], dense.shape[0]
-        total = 0
+
+        def jac_t(io: Any, mat: Tensor) -> tuple:
+            res = rule.jac_t_mat_prod(module, io, mat)
+            return res if isinstance(res, tuple) else (res,)
+
+        totals: list = []
         for idx in chunks(n, d * (d + call.io.input0[0].numel())):
             io = call.io
             if idx != slice(0, n):
                 io, _ = rule.subsample(module, io, g, list(range(n))[idx])
             m = idx.stop - idx.start
             cols = dense.reshape(d, 1, *out).expand(d, m, *out).contiguous()
-            left = rule.jac_t_mat_prod(module, io, cols).reshape(d, m, -1)  # [d, n, i] = J^T G
-            d_in = left.shape[-1]
-            right = left.permute(2, 1, 0).reshape(d_in, m, *out)  # columns of G J
-            total = total + rule.jac_t_mat_prod(module, io, right).reshape(d_in, m, d_in).sum(1)
-        return total.T / n
+            for i, left in enumerate(jac_t(io, cols)):  # [d, n, *in_i] = J_i^T G
+                if left is None:
+                    block = None
+                else:
+                    left = left.reshape(d, m, -1)
+                    d_in = left.shape[-1]
+                    right = left.permute(2, 1, 0).reshape(d_in, m, *out)  # columns of G J_i
+                    block = jac_t(io, right)[i].reshape(d_in, m, d_in).sum(1)
+                if len(totals) <= i:
+                    totals.append(block)
+                elif block is not None:
+                    totals[i] = totals[i] + block
+        return [None if t is None else t.T / n for t in totals]
 
     @staticmethod
     def accumulate(old: Tensor, new: Tensor) -> Tensor:
