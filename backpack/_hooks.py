@@ -23,6 +23,7 @@ from backpack.extensions.base import Call, warn_no_rule
 from backpack.extensions.secondorder.base import run_streams
 
 _PENDING_KEYS: dict[Module, tuple] = {}  # in-place modules: input keys read before they run
+_in_transform = torch._C._functorch.peek_interpreter_stack  # None outside torch.func transforms
 
 
 class _Record:
@@ -108,7 +109,8 @@ def _pre_hook(module: Module, args: tuple) -> None:
 
 
 def _forward_hook(module: Module, args: tuple, kwargs: dict, output: Any) -> Any:
-    if not STATE.store_io or not torch.is_grad_enabled():
+    # inside torch.func transforms (a user's vmap/grad, or our own rules) nothing is recorded
+    if not STATE.store_io or not torch.is_grad_enabled() or _in_transform() is not None:
         return None
     in_keys = _PENDING_KEYS.pop(module, None) or _keys(args)
     if isinstance(output, Tensor):

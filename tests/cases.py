@@ -474,10 +474,8 @@ _NO_RULE = (
     "the test's TimeMajor/AllOutputs modules have no rule (second order needs one everywhere)"
 )
 GGN_GAPS: dict[str, str] = {**GAPS, "-tf-": _NO_RULE, "-all-": _NO_RULE}
-_NO_HESSIAN = "DiagHessian through recurrent layers is not supported (internal second derivatives)"
 SECOND_ORDER_GAPS: dict[str, str] = {
     **GGN_GAPS,
-    **{key: _NO_HESSIAN for key in ("RNN", "LSTM", "GRU")},
     **{k: v for f in _FAMILIES for k, v in f.HESSIAN_GAPS.items()},
 }
 

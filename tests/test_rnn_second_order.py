@@ -1,5 +1,5 @@
-"""GGN extensions through ``nn.RNN``/``nn.LSTM``/``nn.GRU`` (sequence output) against oracles;
-the Hessian extensions raise a clear error there."""
+"""Second-order extensions through ``nn.RNN``/``nn.LSTM``/``nn.GRU`` (sequence output) against
+oracles."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from backpack.extensions import (
     SqrtGGNMC,
 )
 from tests.cases import LAYER_CASES, problems
-from tests.oracles import ggn_block, ggn_diag
+from tests.oracles import ggn_block, ggn_diag, hessian_diag
 
 RNN_CASES = [c for c in LAYER_CASES if c.name.endswith("-bf-seq")]
 PROBLEMS = [p for p in problems(RNN_CASES) if (p.reduction, p.n) in {("mean", 3), ("sum", 1)}]
@@ -91,21 +91,33 @@ def test_time_major_layout(cls):
     torch.testing.assert_close(jac_bf[3], ref)
 
 
-@pytest.mark.parametrize("ext", [DiagHessian, BatchDiagHessian])
-@pytest.mark.parametrize("first", [True, False], ids=["first-layer", "inner-layer"])
-def test_diag_hessian_raises_clear_error(ext, first):
+@pytest.mark.parametrize("problem", PROBLEMS, ids=lambda p: p.id)
+def test_diag_hessian_matches_oracle(problem):
+    """Second derivatives inside the recurrence: residuals w.r.t. the input and the weights."""
+    model, lossfunc, x, y = problem.run([DiagHessian(), BatchDiagHessian()])
+    hess_n = hessian_diag(model, lossfunc, x, y, per_sample=True)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.diag_h, hess_n[name].sum(0))
+        torch.testing.assert_close(p.diag_h_batch, hess_n[name])
+
+
+def test_diag_hessian_through_inner_lstm():
+    """A layer before the LSTM receives the recurrence's input residual."""
     torch.manual_seed(0)
-    pre = [] if first else [nn.Linear(4, 4)]
     model = nn.Sequential(
-        *pre, nn.LSTM(4, 3, batch_first=True), ReduceTuple(0), nn.Flatten(), nn.Linear(15, 3)
-    )
-    model, lossfunc = extend(model.double()), extend(nn.CrossEntropyLoss())
+        nn.Linear(4, 4),
+        nn.LSTM(4, 3, batch_first=True),
+        ReduceTuple(0),
+        nn.Flatten(),
+        nn.Linear(15, 3),
+    ).double()
+    model, lossfunc = extend(model), extend(nn.CrossEntropyLoss())
     x, y = torch.randn(2, 5, 4, dtype=torch.float64), torch.tensor([0, 2])
-    with (
-        backpack(ext()),
-        pytest.raises(NotImplementedError, match="LSTM.*not supported.*DiagGGNExact"),
-    ):
+    with backpack(DiagHessian()):
         lossfunc(model(x), y).backward()
+    hess = hessian_diag(model, lossfunc, x, y)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.diag_h, hess[name])
 
 
 def test_hessian_not_reaching_the_rnn_is_fine():

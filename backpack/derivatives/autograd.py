@@ -16,12 +16,20 @@ import torch
 from torch import Tensor
 from torch.func import functional_call, grad, jvp, vmap
 from torch.nn import Module
+from torch.utils._pytree import tree_flatten
 
+from backpack._context import disable
 from backpack.derivatives.base import IO, dense_factors
 
 
 def _as_tuple(x: Any) -> tuple:
     return x if isinstance(x, tuple) else (x,)
+
+
+def _call(module: Module, state: dict, args: tuple, kwargs: dict) -> Any:
+    """The module's forward on ``state``; extended modules record nothing (no nested hooks)."""
+    with disable():
+        return functional_call(module, state, args, kwargs)
 
 
 def _state(module: Module) -> dict[str, Tensor]:
@@ -32,8 +40,9 @@ def _state(module: Module) -> dict[str, Tensor]:
 
 
 def _inner(outs: Any, gs: Any) -> Tensor:
-    """``sum_k <g_k, out_k>`` over the tensor outputs that have a gradient."""
-    pairs = zip(_as_tuple(outs), _as_tuple(gs))
+    """``sum_k <g_k, out_k>`` over the tensor outputs (pytree order) that have a gradient."""
+    leaves = [o for o in tree_flatten(outs)[0] if isinstance(o, Tensor)]
+    pairs = zip(leaves, _as_tuple(gs))
     return sum((o * g).sum() for o, g in pairs if isinstance(o, Tensor) and g is not None)
 
 
@@ -60,7 +69,7 @@ def residual_factors_autograd(
         args = list(io.inputs)
         for i, a, x in zip(pos, axes, moved):
             args[i] = x.movedim(0, a)
-        return _inner(functional_call(module, state, tuple(args), io.kwargs), g)
+        return _inner(_call(module, state, tuple(args), io.kwargs), g)
 
     def column(*tangents: Tensor) -> tuple[Tensor, ...]:
         return jvp(grad(scalar, argnums=tuple(range(len(xs)))), tuple(xs), tangents)[1]
@@ -110,7 +119,7 @@ def param_residual_diag_autograd(
     p = theta.numel()
 
     def scalar(th: Tensor, inputs: tuple, gs: Any) -> Tensor:
-        out = functional_call(module, {**state, name: th}, inputs, io.kwargs)
+        out = _call(module, {**state, name: th}, inputs, io.kwargs)
         return _inner(out, gs)
 
     def diag(inputs: tuple, gs: Any) -> Tensor:

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 from torch.utils._pytree import tree_map
 
+from backpack.derivatives.autograd import param_residual_diag_autograd, residual_factors_autograd
 from backpack.derivatives.base import IO, Rule, chunks, register
 
 Factors = dict[str, tuple[Tensor, Tensor | None]]  # param name -> (delta b, activation a | None)
@@ -135,14 +136,6 @@ def _recompute(
     return factors, deltas[-1] if batched else None
 
 
-def _no_hessian(module: nn.Module) -> str:
-    return (
-        f"DiagHessian/BatchDiagHessian through recurrent layers ({type(module).__name__}) are not "
-        "supported: the second derivatives inside the recurrence (gate products, tanh/sigmoid) "
-        "are not implemented. Use DiagGGNExact (or BatchDiagGGNExact) instead."
-    )
-
-
 @register(nn.RNN, nn.LSTM, nn.GRU)
 class RecurrentRule(Rule):
     """First-order quantities of ``nn.RNN``/``nn.LSTM``/``nn.GRU``.
@@ -184,8 +177,6 @@ class RecurrentRule(Rule):
                 "Add one (x.unsqueeze(0) with batch_first=True)."
             )
         stream = getattr(extension, "stream", None)
-        if getattr(stream, "residuals", False):
-            raise NotImplementedError(f"{where}: {_no_hessian(module)}")
         if stream is not None and not module.batch_first and extension.subsampling is not None:
             raise NotImplementedError(
                 f"{where}: subsampling second-order quantities needs batch_first=True (the "
@@ -225,9 +216,23 @@ class RecurrentRule(Rule):
             return b.sum((1, 2) if sum_batch else 2)
         return torch.einsum("vnto,nti->voi" if sum_batch else "vnto,nti->vnoi", b, a)
 
-    def residual_diag(self, module: nn.RNNBase, io: IO, g: Any) -> Tensor | None:
-        """Curved inside the recurrence, and not provided: raises (the Hessian stream only)."""
-        raise NotImplementedError(_no_hessian(module))
+    def _axes(self, module: nn.RNNBase, io: IO) -> tuple[list[int], list[int]]:
+        """Batch axis of each input (sequence, states) and each output (sequence, states)."""
+        ax = self.batch_axis(module)
+        return [ax] + [1] * (len(io.inputs) - 1), [ax, 1, 1]
+
+    def residual_factors(self, module: nn.RNNBase, io: IO, g: Any) -> list[tuple[float, Any]]:
+        """The recurrence's second derivatives w.r.t. the input, exact and dense per sample
+        (``t * i`` Hessian-vector products by torch.func)."""
+        return residual_factors_autograd(module, io, g, self._axes(module, io)[0])
+
+    def param_residual_diag(
+        self, module: nn.RNNBase, io: IO, g: Any, name: str, sum_batch: bool = True
+    ) -> Tensor:
+        """Every weight sits inside the curved recurrence: its own second derivatives, exact by
+        torch.func (one Hessian-vector product per entry)."""
+        in_axes, out_axes = self._axes(module, io)
+        return param_residual_diag_autograd(module, io, g, name, sum_batch, in_axes, out_axes)
 
     def batch_grad(
         self, module: nn.RNNBase, io: IO, g: Any, name: str, out: Tensor | None = None
