@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -89,3 +91,20 @@ def test_two_losses_add_their_curvature():
         (ce(out, y) + mse(out, target)).backward()
     ref = ggn_diag(model, ce, x, y)["0.weight"] + ggn_diag(model, mse, x, target)["0.weight"]
     torch.testing.assert_close(model[0].weight.diag_ggn_exact, ref)
+
+
+def test_regulariser_added_to_the_loss_warns_naming_the_parameter():
+    model = extend(nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double())
+    lossfunc = extend(nn.CrossEntropyLoss())
+    x, y = _data()
+    with pytest.warns(UserWarning, match=r"(?s)'weight' of Linear\(in_features=5.*regulariser"):
+        with backpack(DiagGGNExact()):
+            (lossfunc(model(x), y) + 0.1 * model[2].weight.square().sum()).backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an untouched loss: no warning, no stale hooks
+        with backpack(DiagGGNExact()):
+            lossfunc(model(x), y).backward()
+        with backpack(DiagGGNExact()):  # backward to the inputs only: watches are dropped
+            torch.autograd.backward(lossfunc(model(x), y), inputs=[model[0].bias])
+        lossfunc(model(x), y).backward()
+    assert all(not p._backward_hooks for p in model.parameters())

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from backpack.extensions.base import BackpropExtension, Call
+from backpack.extensions.secondorder.watch import watch_gradients
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,8 @@ def run_streams(call: Call, exts: tuple[BackpropExtension, ...], flowing: dict) 
     for ext in exts:
         if ext.stream is not None:
             groups.setdefault(ext.stream, []).append(ext)
+    if not call.rule.is_loss:
+        watch_gradients(call)
     for stream, group in groups.items():
         if call.rule.is_loss:  # the root: what flows into the loss's input
             call.rule.check(call.module, call.io, group[0])

@@ -1,0 +1,72 @@
+"""Detect gradient paths that second-order quantities do not see (a regulariser added to the
+loss, a parameter also used outside its module).
+
+Second-order extensions backpropagate the loss module's curvature through the extended modules
+only. If a parameter's gradient also receives terms from elsewhere (``loss + wd * (w**2).sum()``,
+weights used in a functional call), its curvature there is missing. For each parameter of a module
+reached by a second-order extension, the gradient along the module's path (``rule.grad``) is summed
+over the module's calls and compared with the total gradient autograd accumulates; a mismatch
+warns, naming the parameter and module. The path gradient costs about one weight-gradient pass,
+so each module is checked in its 1st, 2nd, 4th, 8th, ... backward pass (a regulariser is
+usually there from the start), not in every one.
+"""
+
+from __future__ import annotations
+
+import warnings
+from weakref import WeakKeyDictionary
+
+import torch
+from torch import Tensor
+
+from backpack.extensions.base import Call
+
+_WATCHED: dict[Tensor, list] = {}  # parameter -> [summed path gradient, hook handle, module]
+_PASSES: WeakKeyDictionary = WeakKeyDictionary()  # module -> (passes seen, last pass, watched)
+
+
+def watch_gradients(call: Call) -> None:
+    """Add the gradient along this call's path to each parameter's expected total."""
+    params = call.params()
+    if not params:
+        return
+    task = torch._C._current_graph_task_id()  # the backward pass (a module may run twice in one)
+    seen, last, watch = _PASSES.get(call.module, (0, None, False))
+    if task != last:
+        seen += 1
+        watch = not seen & (seen - 1)  # a power of two
+        _PASSES[call.module] = (seen, task, watch)
+    if not watch:
+        return
+    for name, param in params:
+        path = call.rule.grad(call.module, call.io, call.g, name)
+        if param in _WATCHED:
+            _WATCHED[param][0] = _WATCHED[param][0] + path
+            continue
+        if not _WATCHED:
+            torch.autograd.Variable._execution_engine.queue_callback(_clear)
+        handle = param.register_hook(lambda total, p=param, n=name: _compare(p, n, total))
+        _WATCHED[param] = [path, handle, call.module]
+
+
+def _compare(param: Tensor, name: str, total: Tensor) -> None:
+    path, handle, module = _WATCHED.pop(param)
+    handle.remove()
+    scale = total.abs().max()
+    if (total - path).abs().max() > 1e-4 * scale + 1e-30:
+        warnings.warn(
+            f"Parameter '{name}' of {module} receives gradient from outside the path through "
+            "the extended loss (a term added to the loss, e.g. a regulariser, or the parameter "
+            "used outside its module). Second-order quantities (curvature, Kronecker factors, "
+            "square roots) include only the extended loss's part; add regulariser curvature "
+            "yourself (e.g. 2 * wd for wd * w.square().sum()).",
+            UserWarning,
+            stacklevel=2,
+        )
+
+
+def _clear() -> None:
+    """End of the backward pass: drop watches whose parameter received no gradient."""
+    for _, handle, _ in _WATCHED.values():
+        handle.remove()
+    _WATCHED.clear()
