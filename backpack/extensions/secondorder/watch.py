@@ -21,7 +21,8 @@ from torch import Tensor
 
 from backpack.extensions.base import Call
 
-_WATCHED: dict[Tensor, list] = {}  # parameter -> [summed path gradient, hook handle, module]
+# parameter -> [summed path gradient, hook handle, module]; "task" -> the backward pass
+_WATCHED: dict = {}
 _PASSES: WeakKeyDictionary = WeakKeyDictionary()  # module -> (passes seen, last pass, watched)
 
 
@@ -31,6 +32,8 @@ def watch_gradients(call: Call) -> None:
     if not params:
         return
     task = torch._C._current_graph_task_id()  # the backward pass (a module may run twice in one)
+    if _WATCHED and _WATCHED.get("task") != task:  # left by a pass that raised before its end
+        _clear()
     seen, last, watch = _PASSES.get(call.module, (0, None, False))
     if task != last:
         seen += 1
@@ -45,6 +48,7 @@ def watch_gradients(call: Call) -> None:
             continue
         if not _WATCHED:
             torch.autograd.Variable._execution_engine.queue_callback(_clear)
+            _WATCHED["task"] = task
         handle = param.register_hook(lambda total, p=param, n=name: _compare(p, n, total))
         _WATCHED[param] = [path, handle, call.module]
 
@@ -67,6 +71,7 @@ def _compare(param: Tensor, name: str, total: Tensor) -> None:
 
 def _clear() -> None:
     """End of the backward pass: drop watches whose parameter received no gradient."""
+    _WATCHED.pop("task", None)
     for _, handle, _ in _WATCHED.values():
         handle.remove()
     _WATCHED.clear()
