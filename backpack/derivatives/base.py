@@ -22,6 +22,7 @@ of ``param_jac_t_mat_prod`` and are overridden where a contraction is cheaper.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -225,6 +226,27 @@ def dense_factors(hess: Tensor, shape: tuple[int, ...]) -> list[tuple[float, Ten
         if lam.any():
             cols = (evecs * lam.sqrt().unsqueeze(1)).permute(2, 0, 1)  # [D (column), n, D]
             out.append((sign, cols.reshape(-1, n, *shape)))
+    return out
+
+
+def blockwise_factors(hess: Tensor, dim: int) -> list[tuple[float, Tensor]]:
+    """Signed factors of a residual made of independent ``[c, c]`` blocks, one per sample and
+    position, coupling the entries along axis ``dim`` of the input ``[n, *in]``.
+
+    ``hess`` ``[n, *rest, c, c]``: the blocks, with ``rest`` the input's other axes in order.
+    Returns ``[(sign, R [p * c, n, *in])]``, ``p = prod(rest)``: column ``(q, j)`` is eigenvector
+    ``j`` of block ``q`` scaled by ``sqrt(|eigenvalue|)``, zero at every other position.
+    """
+    n, rest, c = hess.shape[0], hess.shape[1:-2], hess.shape[-1]
+    evals, evecs = torch.linalg.eigh(hess)
+    p = math.prod(rest)
+    eye = torch.eye(p, dtype=hess.dtype, device=hess.device)
+    out = []
+    for sign, lam in ((1.0, evals.clamp(min=0)), (-1.0, (-evals).clamp(min=0))):
+        if lam.any():
+            cols = (evecs * lam.sqrt().unsqueeze(-2)).reshape(n, p, c, c)  # [n, q, entry, j]
+            r = torch.einsum("pq,nqcj->pjnqc", eye, cols).reshape(p * c, n, *rest, c)
+            out.append((sign, r.movedim(-1, dim + 1)))
     return out
 
 

@@ -13,9 +13,11 @@ that tensor makes PyTorch's own backward fail as well.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn import Module
 
@@ -28,6 +30,14 @@ class ElementwiseRule(Rule):
     """``y = f(x)`` elementwise: subclasses give ``df`` (``f'``) and ``d2f`` (``f''``)."""
 
     needs_output = False  # rows reading the output set it to True
+    inplace_ok = True  # whether f' and f'' can be read from the overwritten input
+
+    def check(self, module: Module, io: IO, extension: object) -> None:
+        if getattr(module, "inplace", False) and not self.inplace_ok:
+            raise NotImplementedError(
+                f"{type(extension).__name__} on {module}: inplace=True overwrites the input, "
+                "from which this layer's derivative cannot be recovered. Use inplace=False."
+            )
 
     def df(self, module: Module, x: Tensor, y: Tensor | None) -> Tensor | float:
         """``f'`` ``[n, *in]`` (or a scalar) from the input ``x`` and output ``y``."""
@@ -57,13 +67,18 @@ class ElementwiseRule(Rule):
 
 
 def _row(
-    types: tuple[type[Module], ...], df: Derivative, d2f: Derivative | None = None, output=False
+    types: tuple[type[Module], ...],
+    df: Derivative,
+    d2f: Derivative | None = None,
+    output: bool = False,
+    inplace_ok: bool = True,
 ) -> None:
     """Register an elementwise rule for ``types`` from ``f'`` and ``f''`` (None: piecewise linear).
 
     ``output``: whether ``f'`` or ``f''`` read the output ``y`` (else it is None).
+    ``inplace_ok``: whether they are right when the input was overwritten by ``y``.
     """
-    body = {"df": staticmethod(df), "needs_output": output}
+    body = {"df": staticmethod(df), "needs_output": output, "inplace_ok": inplace_ok}
     if d2f is not None:
         body["d2f"] = staticmethod(d2f)
     register(*types)(type(f"{types[0].__name__}Rule", (ElementwiseRule,), body))
@@ -123,3 +138,94 @@ _row(
 _row((nn.ELU,), _elu_df, _elu_d2f)
 _row((nn.SELU,), _selu_df, _selu_d2f)
 _row((nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d), _dropout_df, output=True)
+
+
+_SQRT_2_PI = (2 / math.pi) ** 0.5
+_GELU_C = 0.044715
+
+
+def _gaussian(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Standard normal cdf and pdf at ``x``."""
+    return 0.5 * (1 + torch.erf(x / math.sqrt(2))), torch.exp(-0.5 * x**2) / math.sqrt(2 * math.pi)
+
+
+def _gelu_tanh(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``t = tanh(u)``, ``u'``, ``u''`` for ``u = sqrt(2/pi) (x + c x^3)``."""
+    t = torch.tanh(_SQRT_2_PI * (x + _GELU_C * x**3))
+    return t, _SQRT_2_PI * (1 + 3 * _GELU_C * x**2), _SQRT_2_PI * 6 * _GELU_C * x
+
+
+def _gelu_df(m: nn.GELU, x: Tensor, y: None) -> Tensor:
+    """``Phi + x phi``; tanh form: ``(1 + t)/2 + x (1 - t^2) u'/2``."""
+    if m.approximate == "tanh":
+        t, du, _ = _gelu_tanh(x)
+        return 0.5 * (1 + t) + 0.5 * x * (1 - t**2) * du
+    cdf, pdf = _gaussian(x)
+    return cdf + x * pdf
+
+
+def _gelu_d2f(m: nn.GELU, x: Tensor, y: None) -> Tensor:
+    """``phi (2 - x^2)``; tanh form: ``(1 - t^2) (u' + x (u'' - 2 t u'^2) / 2)``."""
+    if m.approximate == "tanh":
+        t, du, d2u = _gelu_tanh(x)
+        return (1 - t**2) * (du + 0.5 * x * (d2u - 2 * t * du**2))
+    return _gaussian(x)[1] * (2 - x**2)
+
+
+def _silu_df(m: nn.SiLU, x: Tensor, y: None) -> Tensor:
+    s = torch.sigmoid(x)
+    return s * (1 + x * (1 - s))
+
+
+def _silu_d2f(m: nn.SiLU, x: Tensor, y: None) -> Tensor:
+    s = torch.sigmoid(x)
+    return s * (1 - s) * (2 + x * (1 - 2 * s))
+
+
+def _mish_parts(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``t = tanh(softplus(x))`` and ``s = sigmoid(x)`` (= softplus')."""
+    return torch.tanh(F.softplus(x)), torch.sigmoid(x)
+
+
+def _mish_df(m: nn.Mish, x: Tensor, y: None) -> Tensor:
+    t, s = _mish_parts(x)
+    return t + x * (1 - t**2) * s
+
+
+def _mish_d2f(m: nn.Mish, x: Tensor, y: None) -> Tensor:
+    t, s = _mish_parts(x)
+    return (1 - t**2) * s * (2 + x * (1 - s - 2 * t * s))
+
+
+def _softplus_df(m: nn.Softplus, x: Tensor, y: None) -> Tensor:
+    """``sigmoid(beta x)``; 1 where ``beta x > threshold`` (the layer is linear there)."""
+    bx = m.beta * x
+    return torch.where(bx > m.threshold, 1.0, torch.sigmoid(bx))
+
+
+def _softplus_d2f(m: nn.Softplus, x: Tensor, y: None) -> Tensor:
+    bx = m.beta * x
+    s = torch.sigmoid(bx)
+    return torch.where(bx > m.threshold, 0.0, m.beta * s * (1 - s))
+
+
+def _hardsigmoid_df(m: nn.Hardsigmoid, x: Tensor, y: None) -> Tensor:
+    """``1/6`` on ``(-3, 3)``; in place ``x`` holds ``y``, in ``(0, 1)`` exactly there."""
+    lo, hi = (0.0, 1.0) if m.inplace else (-3.0, 3.0)
+    return ((x > lo) & (x < hi)).to(x.dtype) / 6
+
+
+def _hardswish_df(m: nn.Hardswish, x: Tensor, y: None) -> Tensor:
+    return torch.where(x < -3, 0.0, torch.where(x > 3, 1.0, (2 * x + 3) / 6))
+
+
+def _hardswish_d2f(m: nn.Hardswish, x: Tensor, y: None) -> Tensor:
+    return ((x > -3) & (x < 3)).to(x.dtype) / 3
+
+
+_row((nn.GELU,), _gelu_df, _gelu_d2f)
+_row((nn.SiLU,), _silu_df, _silu_d2f, inplace_ok=False)
+_row((nn.Mish,), _mish_df, _mish_d2f, inplace_ok=False)
+_row((nn.Softplus,), _softplus_df, _softplus_d2f)
+_row((nn.Hardsigmoid,), _hardsigmoid_df)
+_row((nn.Hardswish,), _hardswish_df, _hardswish_d2f, inplace_ok=False)

@@ -1,4 +1,4 @@
-"""Parameter-free linear maps (the linear-op family) and the shape ops Flatten, Unflatten, Permute.
+"""Parameter-free linear maps (the linear-op family): Flatten, Unflatten, Permute, Upsample.
 
 A linear op ``out = A(x)`` is its own Jacobian: ``J mat = A(mat)`` and ``J^T mat`` is the vjp of
 ``A`` at any point (taken at zero). Both act per sample, so the vector axis is folded into the
@@ -79,3 +79,9 @@ class PermuteRule(LinearOpRule):
         dims = [d % (mat.dim() - 1) for d in module.dims]  # output axis j is input axis dims[j]
         inverse = sorted(range(len(dims)), key=lambda j: dims[j])
         return mat.permute(0, *(d + 1 for d in inverse))
+
+
+@register(nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d)
+class UpsampleRule(LinearOpRule):
+    """``nn.Upsample`` (nearest, linear, bilinear, bicubic, trilinear; size or scale factor):
+    linear in the input for every mode."""

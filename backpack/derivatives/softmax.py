@@ -1,15 +1,17 @@
 """``nn.Softmax`` and ``nn.LogSoftmax`` along ``dim``, with ``p = softmax(x)``.
 
-Their second derivatives couple the entries along ``dim`` (no diagonal residual), so the Hessian
-stream cannot pass them, except a ``LogSoftmax`` right before ``NLLLoss``: that loss already starts
-with the curvature of the pair (see ``NLLLossRule``), and the residual is skipped there.
+Their second derivatives couple the entries along ``dim``: the Hessian residual
+``sum_k g_k d2y_k/dx2`` is one dense ``[c, c]`` block per sample and position, given to the
+Hessian stream as its eigen-factors. A ``LogSoftmax`` right before ``NLLLoss`` adds none: that loss
+already starts with the curvature of the pair (see ``NLLLossRule``).
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
-from backpack.derivatives.base import IO, Rule, register
+from backpack.derivatives.base import IO, Rule, blockwise_factors, register
 
 
 class _SoftmaxBase(Rule):
@@ -22,11 +24,15 @@ class _SoftmaxBase(Rule):
         )
         return d % io.output.dim() + 1
 
-    def residual_diag(self, module: nn.Module, io: IO, g: Tensor) -> Tensor:
-        raise NotImplementedError(
-            f"DiagHessian/BatchDiagHessian through {module}: its second derivative is not "
-            "diagonal. Use CrossEntropyLoss on the logits (or LogSoftmax directly before NLLLoss)."
-        )
+    def block(self, p: Tensor, g: Tensor) -> Tensor:
+        """The residual block ``[..., c, c]`` from ``p`` and ``g`` ``[..., c]`` (``dim`` last)."""
+        raise NotImplementedError
+
+    def residual_factors(self, module: nn.Module, io: IO, g: Tensor) -> list[tuple[float, Tensor]]:
+        d = self.dim(module, io) - 1  # axis of [n, *in]
+        p = io.output.movedim(d, -1)
+        p = p.exp() if isinstance(module, nn.LogSoftmax) else p
+        return blockwise_factors(self.block(p, g.movedim(d, -1)), d)
 
 
 @register(nn.LogSoftmax)
@@ -34,6 +40,11 @@ class LogSoftmaxRule(_SoftmaxBase):
     """``y = x - logsumexp(x)``; ``J = I - 1 p^T``."""
 
     closes_tag = "nll"  # a LogSoftmax right before NLLLoss: the pair's curvature came from the loss
+
+    def block(self, p: Tensor, g: Tensor) -> Tensor:
+        """``-(sum_k g_k) (diag(p) - p p^T)``: every output has the same second derivative."""
+        cov = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
+        return -g.sum(-1)[..., None, None] * cov
 
     def jac_t_mat_prod(self, module: nn.LogSoftmax, io: IO, mat: Tensor) -> Tensor:
         """``m - p sum(m)`` along ``dim``."""
@@ -49,6 +60,12 @@ class LogSoftmaxRule(_SoftmaxBase):
 @register(nn.Softmax)
 class SoftmaxRule(_SoftmaxBase):
     """``y = p``; ``J = diag(p) - p p^T`` (symmetric)."""
+
+    def block(self, p: Tensor, g: Tensor) -> Tensor:
+        """``diag(u) - u p^T - p u^T`` with ``u = p (g - sum(g p))``."""
+        u = p * (g - (g * p).sum(-1, keepdim=True))
+        outer = u.unsqueeze(-1) * p.unsqueeze(-2)
+        return torch.diag_embed(u) - outer - outer.transpose(-1, -2)
 
     def jac_t_mat_prod(self, module: nn.Softmax, io: IO, mat: Tensor) -> Tensor:
         """``p (m - sum(p m))`` along ``dim``."""
