@@ -23,6 +23,7 @@ class _State:
     modules_run: int = 0  # extended modules whose backward ran inside the block
     store_io: bool = True
     strict: bool = False
+    batchnorm_contributions: bool = False
     warned: set = field(default_factory=set)  # (module type, extension) pairs warned about
     flowing: dict = field(default_factory=dict)  # (stream, autograd node, output index) -> value
     pass_modules: set = field(default_factory=set)  # modules reached in the current backward
@@ -64,6 +65,12 @@ class backpack:  # noqa: N801 (BackPACK's public name)
         retain_graph: keep each module's forward record after the backward pass, for
             another backward (use with ``loss.backward(retain_graph=True)``).
         strict: raise instead of warning when a module has no rule.
+        batchnorm_contributions: opt-in for first-order per-sample extensions (BatchGrad,
+            BatchL2Grad, SumGradSquared, Variance) through BatchNorm with batch statistics:
+            then sample ``n``'s entry is its contribution ``J_n^T g_n`` (``g`` the true,
+            coupled output gradient), which sums to ``.grad`` but is not the gradient of
+            sample ``n``'s loss (that is undefined: the batch statistics couple the samples).
+            Per-sample curvature still raises.
     """
 
     def __init__(
@@ -73,6 +80,7 @@ class backpack:  # noqa: N801 (BackPACK's public name)
         debug: bool = False,
         retain_graph: bool = False,
         strict: bool = False,
+        batchnorm_contributions: bool = False,
     ):
         _check_extensions(exts)
         self.new = dict(
@@ -81,6 +89,7 @@ class backpack:  # noqa: N801 (BackPACK's public name)
             debug=debug,
             retain_graph=retain_graph,
             strict=strict,
+            batchnorm_contributions=batchnorm_contributions,
             modules_run=0,
         )
 

@@ -81,15 +81,16 @@ def _wants_hook(module: Module) -> bool:
 def extend(module: Module, debug: bool = False, use_converter: bool = False) -> Module:
     """Ready ``module`` and its submodules for backpack; returns the same object.
 
+    With ``use_converter=True`` returns a new ``torch.fx.GraphModule`` built from modules with
+    rules (``convert_module_to_backpack``); ``module`` itself is left untouched.
+
     Containers (modules with children and no parameters of their own) are not hooked.
     Idempotent: already extended modules are skipped.
     """
     if use_converter:
-        raise NotImplementedError(
-            "extend(..., use_converter=True) (rewriting the model with torch.fx) is not "
-            "available yet. First-order extensions already work on any graph; for second-order "
-            "extensions build the model from modules (nn.Sequential and layers)."
-        )
+        from backpack.custom_module.graph_utils import convert_module_to_backpack
+
+        module = convert_module_to_backpack(module, debug)
     for m in module.modules():
         if getattr(m, "_backpack_extend", False) or not _wants_hook(m):
             continue

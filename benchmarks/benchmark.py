@@ -76,13 +76,46 @@ def cnn_3c3d(act: type[nn.Module] = nn.ReLU) -> nn.Module:
     )  # fmt: skip
 
 
+class _ResBlock(nn.Module):
+    """ResNet basic block (eval-mode BatchNorm, in-place ReLU, ``out += identity``)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False), nn.BatchNorm2d(c_out),
+        )  # fmt: skip
+        self.down = nn.Sequential(
+            nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out)
+        )
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.body(x)
+        out += self.down(x)
+        return self.relu(out)
+
+
+def resnet() -> nn.Module:
+    """A small CIFAR ResNet: stem, three basic blocks (16-32-64 channels), pool, linear head.
+    Extended with ``use_converter=True`` (residual additions need the converter)."""
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
+        _ResBlock(16, 16, 1), _ResBlock(16, 32, 2), _ResBlock(32, 64, 2),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10),
+    ).eval()  # fmt: skip
+
+
 # name -> (model, input shape per sample, batch size)
 PROBLEMS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], int]] = {
     "mlp": (mlp, (1, 28, 28), 128),
     "3c3d-64": (cnn_3c3d, (3, 32, 32), 64),
     "3c3d-128": (cnn_3c3d, (3, 32, 32), 128),
     "3c3d-sigmoid-128": (lambda: cnn_3c3d(nn.Sigmoid), (3, 32, 32), 128),
+    "resnet": (resnet, (3, 32, 32), 64),
 }
+CONVERTED = {"resnet"}  # problems extended with extend(..., use_converter=True)
 
 
 def variants(problem: str, extensions: list[str]) -> dict[str, Callable[[], None]]:
@@ -91,7 +124,8 @@ def variants(problem: str, extensions: list[str]) -> dict[str, Callable[[], None
     torch.manual_seed(0)
     model, lossfunc = make(), nn.CrossEntropyLoss()
     x, y = torch.randn(n, *shape), torch.randint(0, 10, (n,))
-    ext_model = extend(copy.deepcopy(model))  # same weights; `model` itself stays unhooked
+    # same weights; `model` itself stays unhooked
+    ext_model = extend(copy.deepcopy(model), use_converter=problem in CONVERTED)
     ext_loss = extend(nn.CrossEntropyLoss())
 
     def step(net: nn.Module, loss: nn.Module, *exts: Callable) -> Callable[[], None]:
@@ -160,8 +194,10 @@ def main() -> None:
     for problem in problems:
         results[problem] = measure(variants(problem, extensions), args.reps)
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"median of {args.reps} interleaved repetitions; ratio to plain forward+backward")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"median of {args.reps} interleaved repetitions; ratio to plain forward+backward"
+    )
     rows = list(next(iter(results.values())))
     notes: list[str] = []
     width = max(map(len, rows)) + 2
@@ -171,8 +207,10 @@ def main() -> None:
         for problem in problems:
             value, plain = results[problem][row], results[problem]["plain"]
             if isinstance(value, Exception):
-                notes.append(f"[{len(notes) + 1}] {problem} / {row}: "
-                             f"{type(value).__name__}: {str(value).splitlines()[0][:200]}")
+                notes.append(
+                    f"[{len(notes) + 1}] {problem} / {row}: "
+                    f"{type(value).__name__}: {str(value).splitlines()[0][:200]}"
+                )
                 cells.append(f"n/a [{len(notes)}]")
             elif row == "plain":
                 cells.append(f"{1e3 * value:.1f} ms")

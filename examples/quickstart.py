@@ -35,8 +35,10 @@ for name, p in model.named_parameters():
     torch.testing.assert_close(p.batch_l2, p.grad_batch.flatten(1).square().sum(1))
     torch.testing.assert_close(p.sum_grad_squared, p.grad_batch.square().sum(0))
     torch.testing.assert_close(p.variance, p.grad_batch.var(0, unbiased=False))
-print("checks passed: grad_batch.sum(0) == grad, and batch_l2, sum_grad_squared, variance "
-      "are its reductions\n")
+print(
+    "checks passed: grad_batch.sum(0) == grad, and batch_l2, sum_grad_squared, variance "
+    "are its reductions\n"
+)
 
 # SGD, watching the gradient signal-to-noise ratio mean_n(g_n)**2 / var_n(g_n) per weight, averaged
 # over weights; mean_n(grad_batch) = grad / N (the ratio does not depend on the 1/N of the loss).
@@ -46,7 +48,8 @@ for step in range(5):
     loss = lossfunc(model(X), y)
     with backpack(Variance()):
         loss.backward()
-    snr = torch.cat([((p.grad / N) ** 2 / (p.variance + 1e-30)).flatten()
-                     for p in model.parameters()]).mean()
+    snr = torch.cat(
+        [((p.grad / N) ** 2 / (p.variance + 1e-30)).flatten() for p in model.parameters()]
+    ).mean()
     print(f"step {step}: loss {loss.item():.4f}  mean gradient SNR {snr.item():.4f}")
     optimizer.step()

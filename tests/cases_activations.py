@@ -1,11 +1,12 @@
 """Layer cases of one family, appended to `tests.cases.LAYER_CASES` (same helpers, same gaps):
-the activations of modern architectures and upsampling, each between parametrised layers."""
+the activations of modern architectures and upsampling, each between parametrised layers, and
+``nn.EmbeddingBag`` on 2-D index inputs (1-D inputs with offsets: tests/test_embedding_bag.py)."""
 
 from __future__ import annotations
 
 from torch import nn
 
-from tests.cases import LayerCase, _chain
+from tests.cases import LayerCase, _chain, _embedding_input, _seq
 
 _ACTIVATIONS = [
     ("GELU", lambda: nn.GELU()),
@@ -60,6 +61,22 @@ CASES: list[LayerCase] = [
         5,
     ),
 ]
+_BAGS = {
+    "EmbeddingBag-sum": dict(mode="sum"),
+    "EmbeddingBag-mean-padding_idx": dict(mode="mean", padding_idx=2),
+    "EmbeddingBag-max": dict(mode="max"),
+}
+CASES += [
+    LayerCase(name, lambda kw=kw: _seq(nn.EmbeddingBag(7, 3, **kw)), _embedding_input)
+    for name, kw in _BAGS.items()
+]
 GAPS: dict[str, str] = {}  # case-name substring -> reason, for every extension
 _NO_ORACLE = "torch has no double backward for hardsigmoid, so the Hessian oracle cannot run"
-HESSIAN_GAPS: dict[str, str] = {"Hardsigmoid": _NO_ORACLE}  # for DiagHessian only
+_NO_BAG_ORACLE = (
+    "torch has no double backward for embedding_bag, so the Hessian oracle cannot run "
+    "(tests/test_embedding_bag.py checks DiagHessian on an equivalent form)"
+)
+HESSIAN_GAPS: dict[str, str] = {  # for DiagHessian only
+    "Hardsigmoid": _NO_ORACLE,
+    "EmbeddingBag": _NO_BAG_ORACLE,
+}

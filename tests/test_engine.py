@@ -203,11 +203,6 @@ def test_extend_is_idempotent_and_skips_containers():
     assert not model._forward_hooks  # Sequential is a container
 
 
-def test_use_converter_not_available_yet():
-    with pytest.raises(NotImplementedError, match="use_converter"):
-        extend(_mlp(), use_converter=True)
-
-
 def test_frozen_parameters_get_nothing():
     model, lossfunc = extend(_mlp()), extend(nn.CrossEntropyLoss())
     model[0].bias.requires_grad_(False)

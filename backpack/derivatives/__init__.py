@@ -1,6 +1,7 @@
 """Rules (Jacobian products) per module type; importing this package registers them all."""
 
 from backpack.derivatives import (
+    attention,  # noqa: F401
     batchnorm,  # noqa: F401
     conv,  # noqa: F401
     conv_transpose,  # noqa: F401
@@ -9,6 +10,8 @@ from backpack.derivatives import (
     embedding,  # noqa: F401
     linear,  # noqa: F401
     losses,  # noqa: F401
+    losses_extra,  # noqa: F401
+    normalization,  # noqa: F401
     padding,  # noqa: F401
     pooling,  # noqa: F401
     rnn,  # noqa: F401

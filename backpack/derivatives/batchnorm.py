@@ -1,16 +1,29 @@
 """``nn.BatchNorm1d/2d/3d`` in eval mode: ``out = xhat * w[c] + b[c]`` with channel axis 1 and
 ``xhat = (x - running_mean[c]) / sqrt(running_var[c] + eps)``, inputs ``[n, c]`` or ``[n, c, *s]``.
 
-With batch statistics (training mode, or ``track_running_stats=False``) the samples are coupled
-and every extension raises (see ``backpack.utils.errors``).
+With batch statistics (training mode, or ``track_running_stats=False``) mean and variance are
+taken over ``n`` and ``s`` per channel, so every output depends on every sample: the Jacobian is
+``w istd / M (I - 1 1^T / M - xhat xhat^T / M)`` per channel (``M = n * |s|``, symmetric) and
+``couples_samples`` tells the second-order streams to fold a source-sample axis into their
+columns. Whole-batch curvature (DiagGGN, DiagHessian, GGNMP/HMP/PCHMP) is exact; per-sample
+quantities are undefined and raise (see ``backpack.utils.errors``), except first-order ones under
+``backpack(..., batchnorm_contributions=True)`` (contributions ``J_n^T g_n`` summing to
+``.grad``). SqrtGGN and Kronecker factors raise as well.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 from torch import Tensor, nn
 
-from backpack.derivatives.base import IO, Rule, register
-from backpack.utils.errors import batch_norm_raise_error_if_train
+from backpack._context import STATE
+from backpack.derivatives.base import IO, Rule, dense_factors, register
+from backpack.utils.errors import batch_norm_raise_error_if_train, uses_batch_statistics
+
+# extensions whose quantity is a whole-batch curvature, well defined when samples couple
+_COUPLING_OK = {"DiagGGNExact", "DiagGGNMC", "DiagHessian", "GGNMP", "HMP", "PCHMP"}
 
 
 def _per_channel(t: Tensor, spatial_dims: int) -> Tensor:
@@ -25,34 +38,90 @@ class BatchNormRule(Rule):
     needs_output = False
 
     def check(self, module: nn.modules.batchnorm._BatchNorm, io: IO, extension: object) -> None:
-        """Batch statistics couple the samples: refuse every extension then."""
-        batch_norm_raise_error_if_train(module, extension=extension)
+        """Batch statistics couple the samples: refuse per-sample extensions then, except
+        first-order ones under ``backpack(..., batchnorm_contributions=True)``."""
+        first_order = getattr(extension, "stream", None) is None
+        if STATE.batchnorm_contributions and first_order:
+            return
+        if type(extension).__name__ not in _COUPLING_OK:
+            batch_norm_raise_error_if_train(module, extension=extension)
 
-    def _inv_std(self, module: nn.modules.batchnorm._BatchNorm) -> Tensor:
-        """``1 / sqrt(running_var + eps)`` ``[c]``."""
-        return (module.running_var + module.eps).rsqrt()
+    def couples_samples(self, module: nn.Module) -> bool:
+        """Whether each output depends on every sample (batch statistics)."""
+        return uses_batch_statistics(module)
 
-    def _scale(self, module: nn.modules.batchnorm._BatchNorm) -> Tensor:
-        """``d out / d x`` per channel ``[c]``: ``w / sqrt(running_var + eps)``."""
-        inv_std = self._inv_std(module)
+    def _stats(self, module: nn.modules.batchnorm._BatchNorm, io: IO) -> tuple[Tensor, Tensor]:
+        """Mean and ``1 / sqrt(var + eps)`` ``[c]``: batch (biased) or running statistics."""
+        if not uses_batch_statistics(module):
+            return module.running_mean, (module.running_var + module.eps).rsqrt()
+        if "stats" not in io.cache:
+            x = io.input0
+            dims = [0, *range(2, x.dim())]
+            var, mean = torch.var_mean(x, dim=dims, correction=0)
+            io.cache["stats"] = mean, (var + module.eps).rsqrt()
+        return io.cache["stats"]
+
+    def _xhat(self, module: nn.modules.batchnorm._BatchNorm, io: IO) -> Tensor:
+        """Normalised input ``[n, c, *s]``."""
+        x = io.input0
+        mean, inv_std = self._stats(module, io)
+        return (x - _per_channel(mean, x.dim() - 2)) * _per_channel(inv_std, x.dim() - 2)
+
+    def _scale(self, module: nn.modules.batchnorm._BatchNorm, io: IO) -> Tensor:
+        """``w / sqrt(var + eps)`` per channel ``[c]``."""
+        inv_std = self._stats(module, io)[1]
         return inv_std if module.weight is None else module.weight * inv_std
 
     def jac_t_mat_prod(self, module: nn.Module, io: IO, mat: Tensor) -> Tensor:
-        """``[v, n, c, *s] -> [v, n, c, *s]``: ``mat * scale[c]``."""
-        return mat * _per_channel(self._scale(module), mat.dim() - 3)
+        """``[v, n, c, *s] -> [v, n, c, *s]``: ``mat * scale[c]``; with batch statistics
+        ``scale (mat - mean_ns(mat) - xhat mean_ns(mat xhat))`` (mixes the samples)."""
+        scaled = mat * _per_channel(self._scale(module, io), mat.dim() - 3)
+        if not uses_batch_statistics(module):
+            return scaled
+        xhat = self._xhat(module, io)
+        dims = [1, *range(3, mat.dim())]
+        return (
+            scaled
+            - scaled.mean(dims, keepdim=True)
+            - xhat * (scaled * xhat).mean(dims, keepdim=True)
+        )
 
     def jac_mat_prod(self, module: nn.Module, io: IO, mat: Tensor) -> Tensor:
-        """``[v, n, c, *s] -> [v, n, c, *s]``: ``mat * scale[c]`` (the Jacobian is diagonal)."""
+        """``[v, n, c, *s] -> [v, n, c, *s]``: the Jacobian is symmetric (per channel)."""
         return self.jac_t_mat_prod(module, io, mat)
+
+    def residual_factors(self, module: nn.Module, io: IO, g: Tensor) -> list[tuple[float, Any]]:
+        """Signed factors ``[r, n, c, *s]`` of ``d2 <g, out> / dx2``, zero with running
+        statistics; with batch statistics a dense whole-batch matrix (coupled columns,
+        ``r = n c |s|``), factored by eigendecomposition."""
+        if not uses_batch_statistics(module):
+            return []
+        x = io.input0
+        mean_dims = [0, *range(2, x.dim())]
+        w = _per_channel(module.weight, x.dim() - 2) if module.weight is not None else 1.0
+
+        def inner(z: Tensor) -> Tensor:
+            var, mean = torch.var_mean(z, dim=mean_dims, correction=0, keepdim=True)
+            return (g * w * (z - mean) * (var + module.eps).rsqrt()).sum()
+
+        hess = torch.func.hessian(inner)(x).reshape(x.numel(), x.numel())
+        # one "sample" holding the whole batch: columns [r, 1, n, ...] -> coupled [r, n, ...]
+        return [(sign, r.squeeze(1)) for sign, r in dense_factors(hess.unsqueeze(0), x.shape)]
+
+    def param_jac_mat_prod(self, module: nn.Module, io: IO, mat: Tensor, name: str) -> Tensor:
+        """``[v, c] -> [v, n, c, *s]``: ``mat[c] * xhat`` (weight), ``mat[c]`` (bias); direct,
+        as the generic forward-mode version would update the running statistics."""
+        x = io.input0
+        per_channel = mat.view(mat.shape[0], 1, -1, *[1] * (x.dim() - 2))
+        if name == "weight":
+            return per_channel * self._xhat(module, io)
+        return per_channel.expand(-1, *x.shape)
 
     def param_jac_t_mat_prod(
         self, module: nn.Module, io: IO, mat: Tensor, name: str, sum_batch: bool = True
     ) -> Tensor:
         """``[v, n, c, *s] -> [v, (n,) c]``: ``sum_s mat * xhat`` (weight), ``sum_s mat`` (bias)."""
         if name == "weight":
-            x = io.input0
-            spatial = x.dim() - 2
-            mean, inv_std = module.running_mean, self._inv_std(module)
-            mat = mat * ((x - _per_channel(mean, spatial)) * _per_channel(inv_std, spatial))
+            mat = mat * self._xhat(module, io)
         out = mat.flatten(3).sum(3) if mat.dim() > 3 else mat
         return out.sum(1) if sum_batch else out

@@ -1,14 +1,20 @@
-"""``nn.Embedding``: ``out[n, t, :] = W[x[n, t], :]`` over the positions ``t`` of an index input
-``x`` ``[n, *]`` (``W`` ``[V, D]``).
+"""``nn.Embedding`` and ``nn.EmbeddingBag``: outputs read rows of the weight ``W`` ``[V, D]``.
 
-The weight gradient scatters each position's output gradient to its row. ``padding_idx`` rows get
-none, ``scale_grad_by_freq`` divides each position by its index's count over the whole mini-batch
-(as PyTorch does; per-sample gradients are each sample's term of that sum). ``max_norm`` rescales
-rows in the forward pass without a gradient, so it changes nothing here; ``sparse=True`` only
-changes the layout of ``W.grad`` (the quantities here are dense).
+Both are described by *slots*: per sample, ``K`` reads of a row of the weight (flattened to
+``[R, d]``), each scaled by a factor. The weight's vjp scatters each slot's share of the output
+gradient to its row (one ``index_add``); squared norms, second moments and GGN diagonals sum the
+slots of each (vector, sample, row) first, so they never build ``[v, n, V, D]``.
 
-Squared norms and second moments never build ``[n, V, D]``: positions are summed per
-(sample, index) pair first, which leaves at most ``n * positions`` rows.
+Embedding (input ``x`` ``[n, *]``): a slot per position, ``R, d = V, D``. ``padding_idx`` rows get
+no gradient, ``scale_grad_by_freq`` divides each position by its index's count over the whole
+mini-batch (as PyTorch does; per-sample gradients are each sample's term of that sum). ``max_norm``
+rescales rows in the forward pass without a gradient, so it changes nothing here; ``sparse=True``
+only changes the layout of ``W.grad`` (the quantities here are dense).
+
+EmbeddingBag: the samples are the bags (rows of a 2-D input, or ``offsets`` into a 1-D one), padded
+to a common length. ``sum``/``mean``: a slot per bag entry with factor ``per_sample_weights`` or
+``1 / bag size``, all receiving the bag's output gradient. ``max``: a slot per feature ``j``
+reading the single element ``(argmax row, j)`` (``R, d = V * D, 1``).
 """
 
 from __future__ import annotations
@@ -21,92 +27,191 @@ from backpack.derivatives.base import IO, Rule, register
 
 @register(nn.Embedding)
 class EmbeddingRule(Rule):
-    """Per-sample weight gradients of ``nn.Embedding`` by batched scatters (``index_add``)."""
+    """Per-sample weight gradients of row-reading layers by batched scatters (``index_add``)."""
 
     needs_output = False
 
-    def jac_t_mat_prod(self, module: nn.Embedding, io: IO, mat: Tensor) -> Tensor:
+    def jac_t_mat_prod(self, module: nn.Module, io: IO, mat: Tensor) -> Tensor:
         """Undefined: the input is integer indices."""
         raise NotImplementedError(
-            f"{module}: the input of nn.Embedding holds integer indices, which have no gradient; "
-            "nothing is backpropagated past an Embedding. Make it the first layer of the model."
+            f"{module}: the input holds integer indices, which have no gradient; nothing is "
+            "backpropagated past an embedding layer (nor into per_sample_weights). Make it the "
+            "first layer of the model."
         )
 
     jac_mat_prod = jac_t_mat_prod
 
-    def _weighted(self, module: nn.Embedding, io: IO, mat: Tensor) -> Tensor:
-        """``mat`` ``[..., n, *, D]`` times each position's factor (see ``_weights``)."""
-        weights = self._weights(module, io)
-        return mat if weights is None else mat * weights.unsqueeze(-1)
+    def _table(self, module: nn.Module) -> tuple[int, int]:
+        """``(R, d)``: the weight as the slots read it, ``R`` rows of ``d`` entries."""
+        return tuple(module.weight.shape)
 
-    def _weights(self, module: nn.Embedding, io: IO) -> Tensor | None:
-        """Factor per position ``[n, *]``: 0 at ``padding_idx``, else ``1/count`` of its index
-        over the batch if ``scale_grad_by_freq``, else 1. None where all are 1.
+    def _build(self, module: nn.Embedding, io: IO) -> tuple[Tensor, Tensor | None]:
+        """Slots: rows ``[n, K]`` and factors ``[n, K]`` (None where all are 1): 0 at
+        ``padding_idx``, else ``1/count`` of its index over the batch if ``scale_grad_by_freq``.
         """
-        if "weights" not in io.cache:
-            x, w = io.input0, None
-            if module.scale_grad_by_freq:
-                _, inverse, counts = torch.unique(x, return_inverse=True, return_counts=True)
-                w = counts.to(module.weight.dtype).reciprocal()[inverse]
-            if module.padding_idx is not None:
-                keep = (x != module.padding_idx).to(module.weight.dtype)
-                w = keep if w is None else w * keep
-            io.cache["weights"] = w
-        return io.cache["weights"]
+        x, w = io.input0, None
+        if module.scale_grad_by_freq:
+            w = _inverse_counts(x, module.weight.dtype)
+        if module.padding_idx is not None:
+            keep = (x != module.padding_idx).to(module.weight.dtype)
+            w = keep if w is None else w * keep
+        n = x.shape[0]
+        return x.reshape(n, -1), None if w is None else w.reshape(n, -1)
 
-    def subsample(
-        self, module: nn.Embedding, io: IO, g: Tensor, idx: list[int]
-    ) -> tuple[IO, Tensor]:
-        """Restrict to samples ``idx``, keeping the full-batch index counts of each position."""
-        weights = self._weights(module, io)
+    def _slots(self, module: nn.Module, io: IO, mat: Tensor) -> Tensor:
+        """``[v, n, *out] -> [v, n, K, d]``: the output gradient each slot receives."""
+        return mat.reshape(*mat.shape[:2], -1, mat.shape[-1])
+
+    def _unslot(self, module: nn.Module, io: IO, slots: Tensor) -> Tensor:
+        """``[v, n, K, d] -> [v, n, *out]``: the adjoint of ``_slots``."""
+        return slots.reshape(*slots.shape[:2], *io.input0.shape[1:], slots.shape[-1])
+
+    def _layout(self, module: nn.Module, io: IO) -> tuple[Tensor, Tensor | None]:
+        if "layout" not in io.cache:
+            io.cache["layout"] = self._build(module, io)
+        return io.cache["layout"]
+
+    def _weighted(self, module: nn.Module, io: IO, mat: Tensor) -> Tensor:
+        """``[v, n, *out] -> [v, n, K, d]``: each slot's share of ``mat``."""
+        slots, weights = self._slots(module, io, mat), self._layout(module, io)[1]
+        return slots if weights is None else slots * weights.unsqueeze(-1)
+
+    def subsample(self, module: nn.Module, io: IO, g: Tensor, idx: list[int]) -> tuple[IO, Tensor]:
+        """Restrict to samples ``idx``, keeping factors computed on the full batch."""
+        index = torch.tensor(idx, device=g.device)
+        rows, weights = self._layout(module, io)
         sub, g_sub = super().subsample(module, io, g, idx)
-        if weights is not None:
-            weights = weights.index_select(0, torch.tensor(idx, device=weights.device))
-        sub.cache["weights"] = weights
+        sub.cache["layout"] = (
+            rows.index_select(0, index),
+            None if weights is None else weights.index_select(0, index),
+        )
         return sub, g_sub
 
-    def _keys(self, module: nn.Embedding, x: Tensor, groups: Tensor) -> Tensor:
-        """Flat row ``group * V + index`` of every position ``[...]``; ``groups`` broadcasts
-        against ``x`` reshaped to ``[n, positions]``.
-        """
-        return (groups * module.num_embeddings + x.reshape(x.shape[0], -1)).flatten()
-
-    def _scatter(self, module: nn.Embedding, io: IO, mat: Tensor, per_sample: bool) -> Tensor:
-        """``[v, n, *, D] -> [v, (n,) V, D]``: one ``index_add`` of the weighted rows of ``mat``."""
-        x, mat = io.input0, self._weighted(module, io, mat)
-        v, n, dim = mat.shape[0], mat.shape[1], mat.shape[-1]
-        groups = v * n if per_sample else v
-        group = torch.arange(groups, device=x.device).view(v, n if per_sample else 1, 1)
-        out = mat.new_zeros(groups * module.num_embeddings, dim)
-        out.index_add_(0, self._keys(module, x, group), mat.reshape(-1, dim))
-        return out.view(v, *([n] if per_sample else []), module.num_embeddings, dim)
+    def _keys(self, module: nn.Module, io: IO, groups: Tensor) -> Tensor:
+        """Flat row ``group * R + row`` of every slot; ``groups`` broadcasts against ``[n, K]``."""
+        return (groups * self._table(module)[0] + self._layout(module, io)[0]).flatten()
 
     def param_jac_t_mat_prod(
-        self, module: nn.Embedding, io: IO, mat: Tensor, name: str, sum_batch: bool = True
+        self, module: nn.Module, io: IO, mat: Tensor, name: str, sum_batch: bool = True
     ) -> Tensor:
-        """``[v, n, *, D] -> [v, (n,) V, D]``."""
-        return self._scatter(module, io, mat, per_sample=not sum_batch)
+        """``[v, n, *out] -> [v, (n,) V, D]``: one ``index_add`` of the weighted slots."""
+        mat = self._weighted(module, io, mat)
+        v, n, _, d = mat.shape
+        groups = v if sum_batch else v * n
+        group = torch.arange(groups, device=mat.device).view(v, 1 if sum_batch else n, 1)
+        out = mat.new_zeros(groups * self._table(module)[0], d)
+        out.index_add_(0, self._keys(module, io, group), mat.reshape(-1, d))
+        return out.view(v, *([] if sum_batch else [n]), *module.weight.shape)
 
-    def _segments(self, module: nn.Embedding, io: IO, g: Tensor) -> tuple[Tensor, Tensor]:
-        """Per-sample gradient rows that can be nonzero: ``(sample * V + index)`` ``[u]`` and
-        the rows ``[u, D]``, summing the positions of each (sample, index) pair.
+    def param_jac_mat_prod(self, module: nn.Module, io: IO, mat: Tensor, name: str) -> Tensor:
+        """``[v, V, D] -> [v, n, *out]``: each slot reads its row of ``mat``, scaled."""
+        rows, weights = self._layout(module, io)
+        slots = mat.reshape(mat.shape[0], *self._table(module))[:, rows]
+        return self._unslot(module, io, slots if weights is None else slots * weights[..., None])
+
+    def _segments(self, module: nn.Module, io: IO, mat: Tensor) -> tuple[Tensor, Tensor]:
+        """Rows of ``J^T mat`` per (vector, sample) that can be nonzero: keys
+        ``(v * n + sample) * R + row`` ``[u]`` and the rows ``[u, d]``, slots of a key summed.
         """
+        mat = self._weighted(module, io, mat)
+        v, n, _, d = mat.shape
+        group = torch.arange(v * n, device=mat.device).view(v, n, 1)
+        uniq, inverse = torch.unique(self._keys(module, io, group), return_inverse=True)
+        return uniq, mat.new_zeros(uniq.numel(), d).index_add_(0, inverse, mat.reshape(-1, d))
+
+    def _grad_segments(self, module: nn.Module, io: IO, g: Tensor) -> tuple[Tensor, Tensor]:
+        """``_segments`` of the output gradient ``g`` ``[n, *out]`` (keys ``sample * R + row``)."""
         if "segments" not in io.cache:
-            x, g = io.input0, self._weighted(module, io, g)
-            sample = torch.arange(x.shape[0], device=x.device).view(-1, 1)
-            uniq, inverse = torch.unique(self._keys(module, x, sample), return_inverse=True)
-            rows = g.new_zeros(uniq.numel(), g.shape[-1])
-            io.cache["segments"] = uniq, rows.index_add_(0, inverse, g.reshape(-1, g.shape[-1]))
+            io.cache["segments"] = self._segments(module, io, g.unsqueeze(0))
         return io.cache["segments"]
 
-    def batch_l2(self, module: nn.Embedding, io: IO, g: Tensor, name: str) -> Tensor:
-        """``[n]``: squared norms of the per-(sample, index) rows, summed per sample."""
-        keys, rows = self._segments(module, io, g)
-        out = rows.new_zeros(io.input0.shape[0])
-        return out.index_add_(0, keys // module.num_embeddings, rows.square().sum(1))
+    def batch_l2(self, module: nn.Module, io: IO, g: Tensor, name: str) -> Tensor:
+        """``[n]``: squared norms of the per-(sample, row) rows, summed per sample."""
+        keys, rows = self._grad_segments(module, io, g)
+        out = rows.new_zeros(g.shape[0])
+        return out.index_add_(0, keys // self._table(module)[0], rows.square().sum(1))
 
-    def sum_grad_squared(self, module: nn.Embedding, io: IO, g: Tensor, name: str) -> Tensor:
-        """``[V, D]``: squared per-(sample, index) rows, summed per index."""
-        keys, rows = self._segments(module, io, g)
-        out = rows.new_zeros(module.weight.shape)
-        return out.index_add_(0, keys % module.num_embeddings, rows.square())
+    def sum_grad_squared(self, module: nn.Module, io: IO, g: Tensor, name: str) -> Tensor:
+        """``[V, D]``: squared per-(sample, row) rows, summed per row."""
+        keys, rows = self._grad_segments(module, io, g)
+        out = rows.new_zeros(self._table(module))
+        return out.index_add_(0, keys % out.shape[0], rows.square()).view(module.weight.shape)
+
+    def param_diag(
+        self, module: nn.Module, io: IO, mat: Tensor, name: str, sum_batch: bool = True
+    ) -> Tensor:
+        """``sum_v (J^T mat)_v ** 2`` ``[(n,) V, D]``: squared per-(vector, sample, row) rows,
+        summed per (sample,) row."""
+        keys, rows = self._segments(module, io, mat)
+        n, (r, d) = mat.shape[1], self._table(module)
+        lead = [] if sum_batch else [n]
+        out = rows.new_zeros((r if sum_batch else n * r), d)
+        out.index_add_(0, keys % out.shape[0], rows.square())
+        return out.view(*lead, *module.weight.shape)
+
+
+def _inverse_counts(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``1 / count`` of each entry's value over all of ``x``, shaped like ``x``."""
+    _, inverse, counts = torch.unique(x, return_inverse=True, return_counts=True)
+    return counts.to(dtype).reciprocal()[inverse]
+
+
+@register(nn.EmbeddingBag)
+class EmbeddingBagRule(EmbeddingRule):
+    """``nn.EmbeddingBag`` (sum/mean/max; 2-D input, or 1-D input and ``offsets``): the batch is
+    the bag axis."""
+
+    def _table(self, module: nn.EmbeddingBag) -> tuple[int, int]:
+        rows, dim = module.weight.shape
+        return (rows * dim, 1) if module.mode == "max" else (rows, dim)
+
+    def _slots(self, module: nn.EmbeddingBag, io: IO, mat: Tensor) -> Tensor:
+        if module.mode == "max":  # slot j: feature j's maximum
+            return mat.unsqueeze(-1)
+        return mat.unsqueeze(2).expand(-1, -1, self._layout(module, io)[0].shape[1], -1)
+
+    def _unslot(self, module: nn.EmbeddingBag, io: IO, slots: Tensor) -> Tensor:
+        return slots.squeeze(-1) if module.mode == "max" else slots.sum(2)
+
+    def _build(self, module: nn.EmbeddingBag, io: IO) -> tuple[Tensor, Tensor | None]:
+        """Slots of each bag, see the module docstring."""
+        args = dict(zip(("input", "offsets", "per_sample_weights"), io.inputs), **io.kwargs)
+        x, psw = args["input"], args.get("per_sample_weights")
+        dtype = module.weight.dtype
+        weights = torch.ones(x.shape, dtype=dtype, device=x.device) if psw is None else psw
+        if module.scale_grad_by_freq:
+            weights = weights * _inverse_counts(x, dtype)
+        if module.padding_idx is not None:
+            weights = weights * (x != module.padding_idx)
+        rows, weights = self._padded(module, x, args.get("offsets"), weights.to(dtype))
+        if module.mode == "mean":  # factors are 0 exactly at filler and padding slots here
+            weights = weights / (weights != 0).sum(1, keepdim=True).clamp(min=1)
+        if module.mode != "max":
+            return rows, weights
+        used = weights != 0  # no per_sample_weights in max mode: 0 only at filler and padding
+        values = module.weight.detach()[rows].masked_fill(~used.unsqueeze(-1), -torch.inf)
+        best = rows.gather(1, values.argmax(1))  # [n, D]; ties: the first, as PyTorch
+        dim = module.weight.shape[1]
+        elements = best * dim + torch.arange(dim, device=best.device)
+        return elements, used.any(1, keepdim=True).to(dtype).expand_as(elements)
+
+    @staticmethod
+    def _padded(
+        module: nn.EmbeddingBag, x: Tensor, offsets: Tensor | None, weights: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Bags as rows ``[n, K]`` (``K`` the longest bag) of indices and factors; filler slots
+        read row 0 with factor 0."""
+        if x.dim() == 2:
+            return x, weights
+        # the last bag runs to the end of the input (as PyTorch's forward does even where
+        # ``include_last_offset`` gives a smaller final offset)
+        starts = offsets[:-1] if module.include_last_offset else offsets
+        starts, end = starts.long(), torch.tensor([x.numel()], device=x.device)
+        pos = torch.arange(x.numel(), device=x.device)
+        bag = torch.searchsorted(starts, pos, right=True) - 1  # empty bags: no position
+        slot = pos - starts[bag]
+        length = int((torch.cat([starts[1:], end]) - starts).max()) if starts.numel() else 0
+        rows = x.new_zeros(starts.numel(), length)
+        padded = weights.new_zeros(starts.numel(), length)
+        rows[bag, slot], padded[bag, slot] = x, weights
+        return rows, padded

@@ -36,9 +36,10 @@ class Call:
         return self.grads[0] if len(self.grads) == 1 else self.grads
 
     def params(self) -> list[tuple[str, Parameter]]:
-        """The module's own trainable parameters, ``(name, parameter)``."""
+        """The parameters the rule owns, ``(name, parameter)``; dotted names reach into children
+        a module calls functionally (``nn.MultiheadAttention.out_proj``)."""
         names = self.rule.param_names(self.module) if self.rule else []
-        return [(n, getattr(self.module, n)) for n in names]
+        return [(n, self.module.get_parameter(n)) for n in names]
 
     def view(self, subsampling: list[int] | None) -> tuple[IO, Any]:
         """Record and output gradient restricted to the samples in ``subsampling``."""

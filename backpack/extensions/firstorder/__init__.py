@@ -51,7 +51,7 @@ class BatchGrad(FirstOrderExtension):
     savefield_default, method = "grad_batch", "batch_grad"
 
     def compute(self, rule: Rule, module: Module, io: IO, g: Tensor, name: str) -> Tensor:
-        param = getattr(module, name)
+        param = module.get_parameter(name)
         n = _batch_size(rule, module, g)
         old = param.__dict__.get(self.savefield)
         reuse = (

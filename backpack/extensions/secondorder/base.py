@@ -18,6 +18,20 @@ from torch import Tensor
 from backpack.extensions.base import BackpropExtension, Call
 from backpack.extensions.secondorder.watch import watch_gradients
 
+COUPLED = "coupled"  # origin-key prefix: columns [v * n_src, n, ...] span every sample
+
+
+def _is_coupled(origin: Any) -> bool:
+    return isinstance(origin, tuple) and origin[0] == COUPLED
+
+
+def _couple(origin: Any, mat: Tensor) -> tuple[Any, Tensor]:
+    """Per-sample factor ``[v, n, ...]`` -> coupled ``[v * n, n, ...]``: column ``(v, m)`` is
+    ``S_v`` on sample ``m`` and zero elsewhere (costs ``n`` times the memory)."""
+    v, n = mat.shape[:2]
+    eye = torch.eye(n, dtype=mat.dtype, device=mat.device).view(1, n, n, *[1] * (mat.dim() - 2))
+    return (COUPLED, origin), (mat.unsqueeze(1) * eye).reshape(v * n, n, *mat.shape[2:])
+
 
 @dataclass(frozen=True)
 class Stream:
@@ -29,6 +43,11 @@ class Stream:
     (their columns are unrelated). With ``residuals`` (the Hessian instead of the GGN) each curved
     layer adds its residual ``sum_k g_k d2out_k/din2`` as signed factors (for an elementwise layer
     ``diag(f'' g)`` split into positive and negative parts).
+
+    A factor's column lives on one sample (block-diagonal curvature) until a module whose rule
+    ``couples_samples`` (BatchNorm with batch statistics): there it is re-keyed ``(COUPLED,
+    origin)`` and expanded to ``[v * n, n, *out]`` so every column may span all samples; rules
+    map it unchanged (their ``v`` is arbitrary).
     """
 
     mc_samples: int | None = None
@@ -52,14 +71,17 @@ class Stream:
                 if m is not None:
                     outs[i][origin] = (sign, m)
 
+        couples = getattr(call.rule, "couples_samples", lambda _: False)(call.module)
         for o, (s, m) in terms.items():
+            if couples and not _is_coupled(o):
+                o, m = _couple(o, m)
             put(o, s, call.rule.jac_t_mat_prod(call.module, call.io, m))
         tag = getattr(call.rule, "closes_tag", None)
         if tag and all(isinstance(o, tuple) and o[0] == tag for o in outs[0]):
             return [{o[1]: t for o, t in outs[0].items()}]  # the loss already holds this residual
         if self.residuals:
             for i, (sign, r) in enumerate(call.rule.residual_factors(call.module, call.io, call.g)):
-                put((id(call.io), i), sign, r)
+                put((COUPLED, (id(call.io), i)) if couples else (id(call.io), i), sign, r)
         return [o or None for o in outs]
 
     @staticmethod
@@ -67,6 +89,10 @@ class Stream:
         merged = dict(old)
         for o, (s, m) in new.items():
             merged[o] = (s, merged[o][1] + m) if o in merged else (s, m)
+        for o in [o for o in merged if (COUPLED, o) in merged]:  # one origin, both forms: couple
+            s, m = merged.pop(o)
+            key, m = _couple(o, m)
+            merged[key] = (s, merged[key][1] + m)
         return merged
 
 
@@ -80,12 +106,22 @@ class SecondOrderExtension(BackpropExtension):
 
     def param_value(self, call: Call, io: Any, terms: dict, name: str) -> Tensor:
         """``sum_k sign_k diag(J^T S_k S_k^T J)`` for parameter ``name`` (per sample unless
-        ``sum_batch``); ``io`` and ``terms`` possibly subsampled. Override for other reductions."""
-        diag = call.rule.param_diag
-        return sum(
-            sign * diag(call.module, io, mat, name, sum_batch=self.sum_batch)
-            for sign, mat in terms.values()
-        )
+        ``sum_batch``); ``io`` and ``terms`` possibly subsampled. Override for other reductions.
+        Coupled factors give ``sum_v (sum_n J_n^T S_vn)^2`` (whole batch only)."""
+        module, rule = call.module, call.rule
+
+        def diag(origin: Any, mat: Tensor) -> Tensor:
+            if not _is_coupled(origin):
+                return rule.param_diag(module, io, mat, name, sum_batch=self.sum_batch)
+            if not self.sum_batch or self.subsampling is not None:
+                raise NotImplementedError(
+                    f"{type(self).__name__}: a layer after {module} couples the samples "
+                    "(BatchNorm with batch statistics), so per-sample or subsampled curvature "
+                    "is not defined. Use the whole-batch extension or model.eval()."
+                )
+            return rule.param_jac_t_mat_prod(module, io, mat, name, sum_batch=True).square().sum(0)
+
+        return sum(sign * diag(o, mat) for o, (sign, mat) in terms.items())
 
     def store(self, call: Call, flowing: Any) -> None:
         call.rule.check(call.module, call.io, self)

@@ -21,17 +21,24 @@ from torch.nn import Module
 
 from backpack.derivatives.base import IO, Rule
 from backpack.extensions.base import Call
-from backpack.extensions.secondorder.base import SecondOrderExtension, Stream
+from backpack.extensions.secondorder.base import SecondOrderExtension, Stream, _is_coupled
 
 
 def block_product(module: Module, rule: Rule, io: IO, terms: dict, name: str) -> Callable:
     """``mat [V, *theta] -> J^T (sum_k sign_k S_k S_k^T) J mat [V, *theta]``, summed over the
-    batch, for the signed per-sample factors ``terms = {origin: (sign, S_k [c_k, n, *out])}``."""
+    batch, for the signed factors ``terms = {origin: (sign, S_k [c_k, n, *out])}``, per sample
+    or (coupled origins, after BatchNorm with batch statistics) spanning the whole batch."""
     factors = torch.cat([m.detach() for _, m in terms.values()])  # [c, n, *out]
     signs = torch.cat(
         [
             torch.full((m.shape[0],), float(s), dtype=m.dtype, device=m.device)
             for s, m in terms.values()
+        ]
+    )
+    coupled = torch.cat(
+        [
+            torch.full((m.shape[0], 1, 1), _is_coupled(o), device=m.device)
+            for o, (_, m) in terms.items()
         ]
     )
     flat = factors.flatten(2)
@@ -41,8 +48,10 @@ def block_product(module: Module, rule: Rule, io: IO, terms: dict, name: str) ->
         fresh = IO(*record)  # own memo: the forward call's cache belongs to its backward pass
         with torch.no_grad():
             jmat = rule.param_jac_mat_prod(module, fresh, mat, name).flatten(2)  # [V, n, k]
-            # the factors are per sample: the curvature is block-diagonal over the batch
+            # per-sample columns act on their own sample (block-diagonal over the batch),
+            # coupled columns on the whole batch (their coefficient sums over n)
             coef = torch.einsum("cnk,vnk->cnv", flat, jmat) * signs[:, None, None]
+            coef = torch.where(coupled, coef.sum(1, keepdim=True), coef)
             back = torch.einsum("cnv,cnk->vnk", coef, flat).view(-1, *factors.shape[1:])
             return rule.param_jac_t_mat_prod(module, fresh, back, name, sum_batch=True)
 

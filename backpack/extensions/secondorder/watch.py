@@ -41,22 +41,26 @@ def watch_gradients(call: Call) -> None:
         _PASSES[call.module] = (seen, task, watch)
     if not watch:
         return
+    paths = {name: call.rule.grad(call.module, call.io, call.g, name) for name, _ in params}
+    # round-off reference: a parameter whose true gradient is zero (a key bias in attention,
+    # a bias before BatchNorm) differs from its path by noise on the module's gradient scale
+    ref = max(path.abs().max() for path in paths.values())
     for name, param in params:
-        path = call.rule.grad(call.module, call.io, call.g, name)
         if param in _WATCHED:
-            _WATCHED[param][0] = _WATCHED[param][0] + path
+            entry = _WATCHED[param]
+            entry[0], entry[3] = entry[0] + paths[name], torch.maximum(entry[3], ref)
             continue
         if not _WATCHED:
             torch.autograd.Variable._execution_engine.queue_callback(_clear)
             _WATCHED["task"] = task
         handle = param.register_hook(lambda total, p=param, n=name: _compare(p, n, total))
-        _WATCHED[param] = [path, handle, call.module]
+        _WATCHED[param] = [paths[name], handle, call.module, ref]
 
 
 def _compare(param: Tensor, name: str, total: Tensor) -> None:
-    path, handle, module = _WATCHED.pop(param)
+    path, handle, module, ref = _WATCHED.pop(param)
     handle.remove()
-    scale = total.abs().max()
+    scale = torch.maximum(total.abs().max(), ref)
     if (total - path).abs().max() > 1e-4 * scale + 1e-30:
         warnings.warn(
             f"Parameter '{name}' of {module} receives gradient from outside the path through "
@@ -72,6 +76,6 @@ def _compare(param: Tensor, name: str, total: Tensor) -> None:
 def _clear() -> None:
     """End of the backward pass: drop watches whose parameter received no gradient."""
     _WATCHED.pop("task", None)
-    for _, handle, _ in _WATCHED.values():
+    for _, handle, _, _ in _WATCHED.values():
         handle.remove()
     _WATCHED.clear()
