@@ -9,8 +9,8 @@ p.grad_batch  # [N, *p.shape]
 """
 
 from backpack import derivatives  # noqa: F401  (registers the built-in rules)
-from backpack._context import backpack, disable
+from backpack._context import backpack, disable, set_strict
 from backpack._hooks import extend
 from backpack.derivatives.base import IO, Rule, register
 
-__all__ = ["backpack", "disable", "extend", "register", "Rule", "IO"]
+__all__ = ["backpack", "disable", "extend", "register", "set_strict", "Rule", "IO"]

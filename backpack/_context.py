@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,9 +25,12 @@ class _State:
     store_io: bool = True
     strict: bool = False
     batchnorm_contributions: bool = False
+    # strict everywhere (set_strict; default from the environment variable BACKPACK_STRICT)
+    strict_global: bool = os.environ.get("BACKPACK_STRICT", "0") not in ("", "0")
     warned: set = field(default_factory=set)  # (module type, extension) pairs warned about
     flowing: dict = field(default_factory=dict)  # (stream, autograd node, output index) -> value
-    pass_modules: set = field(default_factory=set)  # modules reached in the current backward
+    shared: dict = field(default_factory=dict)  # module called several times -> its Pieces
+    shared_task: int = -1  # the backward pass ``shared`` belongs to
 
 
 STATE = _State()
@@ -60,11 +64,13 @@ class backpack:  # noqa: N801 (BackPACK's public name)
     Args:
         *exts: extension instances, e.g. ``BatchGrad(), KFAC()``.
         extension_hook: called as ``hook(module)`` once per extended module, after its
-            extensions ran.
+            extensions ran (for a module called several times in one forward pass: at the
+            end of the backward pass, once its calls' contributions are summed).
         debug: log (logger ``backpack``, level INFO) which extension runs on which module.
         retain_graph: keep each module's forward record after the backward pass, for
             another backward (use with ``loss.backward(retain_graph=True)``).
-        strict: raise instead of warning when a module has no rule.
+        strict: raise instead of warning when a module has no hand-written rule (and would
+            use the automatic one); see also ``backpack.set_strict``.
         batchnorm_contributions: opt-in for first-order per-sample extensions (BatchGrad,
             BatchL2Grad, SumGradSquared, Variance) through BatchNorm with batch statistics:
             then sample ``n``'s entry is its contribution ``J_n^T g_n`` (``g`` the true,
@@ -94,10 +100,10 @@ class backpack:  # noqa: N801 (BackPACK's public name)
         )
 
     def __enter__(self) -> backpack:
-        self.old = {k: getattr(STATE, k) for k in (*self.new, "flowing", "pass_modules")}
+        self.old = {k: getattr(STATE, k) for k in (*self.new, "flowing", "shared", "shared_task")}
         for k, v in self.new.items():
             setattr(STATE, k, v)
-        STATE.flowing, STATE.pass_modules = {}, set()
+        STATE.flowing, STATE.shared, STATE.shared_task = {}, {}, -1
         return self
 
     def __exit__(self, *exc) -> None:
@@ -113,6 +119,18 @@ class backpack:  # noqa: N801 (BackPACK's public name)
                 UserWarning,
                 stacklevel=2,
             )
+
+
+def set_strict(strict: bool = True) -> None:
+    """Strict mode everywhere: modules without a hand-written rule raise instead of using the
+    automatic ``torch.func`` rule (with a warning). Default: the environment variable
+    ``BACKPACK_STRICT`` (``1``: strict); ``backpack(..., strict=True)`` is strict in its block."""
+    STATE.strict_global = strict
+
+
+def is_strict() -> bool:
+    """Whether modules without a hand-written rule raise (strict block or global switch)."""
+    return STATE.strict or STATE.strict_global
 
 
 class disable:  # noqa: N801 (BackPACK's public name)

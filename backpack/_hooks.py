@@ -5,12 +5,17 @@ is referenced only from the pre-hook registered on the autograd node that produc
 output, so it lives exactly as long as the autograd graph; the backward driver frees it after
 use. What flows backward between modules (second-order extensions) is keyed by the autograd node
 that produced a tensor and the output index, never by tensor object or memory address.
+
+A module called several times in one forward pass (its records marked ``shared``) has each
+call's linear pieces collected and its quantities stored at the end of the backward pass
+(``backpack.extensions.reuse``); other calls take the direct path.
 """
 
 from __future__ import annotations
 
 from functools import partial
 from typing import Any
+from weakref import WeakSet
 
 import torch
 from torch import Tensor
@@ -19,33 +24,58 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from backpack._context import STATE, debug_log, logger
 from backpack.derivatives.base import IO, rule_for
-from backpack.extensions.base import Call, warn_no_rule
+from backpack.extensions.base import HANDLED_TYPES, Call
+from backpack.extensions.module_extension import run_module_extensions
+from backpack.extensions.reuse import Pieces
 from backpack.extensions.secondorder.base import run_streams
 
 _PENDING_KEYS: dict[Module, tuple] = {}  # in-place modules: input keys read before they run
 _in_transform = torch._C._functorch.peek_interpreter_stack  # None outside torch.func transforms
 
 
-class _Record:
-    """What the backward driver needs of one forward call."""
+class _LiveRecords(WeakSet):
+    """The unreleased forward records of one module; copied and pickled empty with the
+    module (records belong to the autograd graph of one forward pass)."""
 
-    __slots__ = ("module", "rule", "io", "in_keys", "out_nr")
+    def __reduce__(self) -> tuple:
+        return (type(self), ())
+
+
+class _Record:
+    """What the backward driver needs of one forward call.
+
+    ``shared``: another call of the module was recorded while this one was alive, so both may
+    be reached in one backward pass and must sum their contributions (``_collect``). A false
+    mark (a live record of an earlier, retained graph) costs time, not correctness.
+    """
+
+    __slots__ = ("module", "rule", "io", "in_keys", "out_nr", "shared", "__weakref__")
 
     def __init__(self, module: Module, args: tuple, kwargs: dict, output: Any, in_keys: tuple):
         self.module = module
+        # the module's unreleased records (they leave it when released or with their graph);
+        # once two are live all are marked, so marking one other suffices
+        live = module.__dict__.get("_backpack_calls")
+        if live is None:
+            live = module.__dict__["_backpack_calls"] = _LiveRecords()
+        self.shared = bool(live)  # cheap when empty, the common case
+        if self.shared:
+            next(iter(live)).shared = True
+        live.add(self)
         self.out_nr = output.output_nr if isinstance(output, Tensor) else 0
-        self.rule = rule_for(module)
-        keep_out = self.rule is None or self.rule.needs_output
+        self.rule = rule_for(module)  # hooked modules always have one (_wants_hook)
+        keep_out = self.rule.needs_output or type(module) in HANDLED_TYPES
         # detached: a hook whose closure reaches its own node through a stored tensor (the
         # output, or an input that a later in-place op ties to this call) is a leaking cycle
         inputs = tuple(a.detach() if isinstance(a, Tensor) else _detach(a) for a in args)
         self.io = IO(inputs, _detach(output) if keep_out else None, kwargs and _detach(kwargs))
-        if self.rule is not None and isinstance(output, Tensor):
+        if isinstance(output, Tensor):
             self.rule.on_forward(module, self.io, output)
         self.in_keys = in_keys
 
     def release(self) -> None:
         self.io = None
+        self.module.__dict__["_backpack_calls"].discard(self)
 
 
 def _detach(obj: Any) -> Any:
@@ -71,11 +101,9 @@ def _keys(args: tuple) -> tuple:
 
 
 def _wants_hook(module: Module) -> bool:
-    """Leaves, modules with a rule, and modules with parameters of their own are hooked."""
-    if rule_for(module) is not None:
-        return True
-    has_children = next(module.children(), None) is not None
-    return not has_children or next(module.parameters(recurse=False), None) is not None
+    """Leaves, modules with a rule, and modules with parameters of their own are hooked: those
+    ``rule_for`` gives a (registered or automatic) rule."""
+    return rule_for(module) is not None
 
 
 def extend(module: Module, debug: bool = False, use_converter: bool = False) -> Module:
@@ -172,20 +200,11 @@ def _run(record: _Record, grads: tuple[Tensor, ...]) -> None:
             "retain_graph=True to backpack(...) as well as to backward()."
         )
     STATE.modules_run += 1
-    if not STATE.pass_modules:
-        torch.autograd.Variable._execution_engine.queue_callback(STATE.pass_modules.clear)
-    if module in STATE.pass_modules:
-        STATE.pass_modules.clear()
-        raise NotImplementedError(
-            f"backpack: {module} was called several times in one forward pass (weight tying, "
-            "reuse); summing the contributions of every call is not supported yet. Use a "
-            "separate module per call."
-        )
-    STATE.pass_modules.add(module)
     call = Call(module, record.rule, record.io, grads, record.in_keys, record.out_nr)
-    if record.rule is None:
-        for ext in exts:
-            warn_no_rule(module, ext, STATE.strict, STATE.warned)
+    exts = run_module_extensions(call, exts, STATE.flowing)  # set_module_extension handlers
+    shared = record.shared and bool(call.params())
+    if shared:
+        _collect(call, exts)
     else:
         for ext in exts:
             debug_log(f"Running extension {ext} on {module}")
@@ -193,9 +212,48 @@ def _run(record: _Record, grads: tuple[Tensor, ...]) -> None:
                 ext.run(call)
         if any(ext.stream is not None for ext in exts):
             run_streams(call, exts, STATE.flowing)
-    if STATE.extension_hook is not None:
+    if STATE.extension_hook is not None and not shared:
         debug_log(f"Running extension hook on {module}")
         STATE.extension_hook(module)
     record.io.cache.clear()
     if not STATE.retain_graph:
         record.release()
+
+
+def _collect(call: Call, exts: tuple) -> None:
+    """A call of a module called several times: add its pieces; ``_finish`` stores them."""
+    task = torch._C._current_graph_task_id()
+    if STATE.shared_task != task:  # first shared call of this backward pass
+        # a fresh dict: one left by a pass that raised before its end is dropped
+        STATE.shared, STATE.shared_task = {}, task
+        finish = partial(_finish, STATE.shared, STATE.extension_hook)
+        torch.autograd.Variable._execution_engine.queue_callback(finish)
+    pieces = STATE.shared.get(call.module)
+    if pieces is None:
+        for ext in exts:
+            if not hasattr(ext, "collect"):
+                raise NotImplementedError(
+                    f"{type(ext).__name__}: {call.module} is called several times in one "
+                    "forward pass, and this extension has no collect/finish methods to sum the "
+                    "calls' contributions. Use a separate module per call."
+                )
+        pieces = Pieces(call.module, call.rule, call.params(), exts)
+        STATE.shared[call.module] = pieces
+    pieces.calls += 1
+    for ext in exts:
+        debug_log(f"Collecting {ext} on {call.module} (call {pieces.calls})")
+        if ext.stream is None:
+            ext.collect(call, pieces)
+    if any(ext.stream is not None for ext in exts):
+        run_streams(call, exts, STATE.flowing, pieces)
+
+
+def _finish(shared: dict, hook: Any) -> None:
+    """End of the backward pass: the extensions store what the calls of each module summed."""
+    for module, pieces in shared.items():
+        for ext in pieces.exts:
+            debug_log(f"Finishing {ext} on {module} ({pieces.calls} calls)")
+            ext.finish(pieces)
+        if hook is not None:
+            hook(module)
+    shared.clear()

@@ -4,7 +4,7 @@ Every variant (plain, extended but idle, one extension each, torch.func per-samp
 runs once per repetition in a rotating order, interleaved in one process, after a warm-up; the
 table shows medians. A variant that fails prints ``n/a`` with a footnote giving the error.
 
-    python benchmarks/benchmark.py [--reps 20] [--problems mlp,3c3d-64,3c3d-128]
+    python benchmarks/benchmark.py [--reps 20] [--problems mlp,3c3d-64,3c3d-128,vit,gpt]
         [--extensions BatchGrad,Variance | all] [--threads 2]
 """
 
@@ -13,8 +13,10 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -37,6 +39,8 @@ from backpack.extensions import (
     SumGradSquared,
     Variance,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the vit/gpt rows use tests.models
 
 # name -> constructor; one line per extension. DEFAULT: those run without --extensions.
 EXTENSIONS: dict[str, Callable] = {
@@ -107,23 +111,55 @@ def resnet() -> nn.Module:
     ).eval()  # fmt: skip
 
 
-# name -> (model, input shape per sample, batch size)
-PROBLEMS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], int]] = {
-    "mlp": (mlp, (1, 28, 28), 128),
-    "3c3d-64": (cnn_3c3d, (3, 32, 32), 64),
-    "3c3d-128": (cnn_3c3d, (3, 32, 32), 128),
-    "3c3d-sigmoid-128": (lambda: cnn_3c3d(nn.Sigmoid), (3, 32, 32), 128),
-    "resnet": (resnet, (3, 32, 32), 64),
+def vit() -> nn.Module:
+    """ViT-style classifier (tests/models.py): 32x32 images in 4x4 patches (64 tokens), E=64,
+    2 pre-norm encoder layers with 4 heads, mean over tokens, 10 classes."""
+    from tests.models import ViT
+
+    return ViT(image=32, channels=3, patch=4, dim=64, heads=4, layers=2, classes=10).eval()
+
+
+def gpt() -> nn.Module:
+    """GPT-style language model (tests/models.py): 32 tokens of a 64-word vocabulary, E=64,
+    2 causal pre-norm encoder layers with 4 heads; logits ``[n, 64, 32]``."""
+    from tests.models import GPT
+
+    return GPT(vocab=64, length=32, dim=64, heads=4, layers=2).eval()
+
+
+Data = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
+
+
+def images(*shape: int) -> Data:
+    """Batches of ``n`` random inputs ``[n, *shape]`` with one of 10 classes each."""
+    return lambda n: (torch.randn(n, *shape), torch.randint(0, 10, (n,)))
+
+
+def tokens(length: int, vocab: int) -> Data:
+    """Batches of ``n`` random sequences ``[n, length]``, next-token targets at every position."""
+    return lambda n: tuple(torch.randint(0, vocab, (n, length)) for _ in range(2))
+
+
+# name -> (model, data, batch size)
+PROBLEMS: dict[str, tuple[Callable[[], nn.Module], Data, int]] = {
+    "mlp": (mlp, images(1, 28, 28), 128),
+    "3c3d-64": (cnn_3c3d, images(3, 32, 32), 64),
+    "3c3d-128": (cnn_3c3d, images(3, 32, 32), 128),
+    "3c3d-sigmoid-128": (lambda: cnn_3c3d(nn.Sigmoid), images(3, 32, 32), 128),
+    "resnet": (resnet, images(3, 32, 32), 64),
+    "vit": (vit, images(3, 32, 32), 32),
+    "gpt": (gpt, tokens(32, 64), 32),
 }
-CONVERTED = {"resnet"}  # problems extended with extend(..., use_converter=True)
+# problems extended with extend(..., use_converter=True)
+CONVERTED = {"resnet", "vit", "gpt"}
 
 
 def variants(problem: str, extensions: list[str]) -> dict[str, Callable[[], None]]:
     """name -> one zero-grad + forward + backward step of that variant on ``problem``."""
-    make, shape, n = PROBLEMS[problem]
+    make, data, n = PROBLEMS[problem]
     torch.manual_seed(0)
     model, lossfunc = make(), nn.CrossEntropyLoss()
-    x, y = torch.randn(n, *shape), torch.randint(0, 10, (n,))
+    x, y = data(n)
     # same weights; `model` itself stays unhooked
     ext_model = extend(copy.deepcopy(model), use_converter=problem in CONVERTED)
     ext_loss = extend(nn.CrossEntropyLoss())

@@ -1,9 +1,13 @@
-"""Tiny models for the converter tests: ResNet blocks, an LSTM classifier, a small U-Net."""
+"""Tiny models for the converter tests: ResNet blocks, an LSTM classifier, a small U-Net, a
+ViT-style classifier and a GPT-style language model."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+
+from backpack.custom_module.permute import Permute
+from backpack.custom_module.position import PositionalEmbedding
 
 
 class BasicBlock(nn.Module):
@@ -97,6 +101,52 @@ class UNet(nn.Module):
         m = torch.tanh(self.mid(self.pool(e)))
         d = nn.functional.relu(self.dec(torch.cat([e, self.up(m)], 1)), inplace=True)
         return self.fc(d.view(d.size(0), -1) * 0.5)
+
+
+def _encoder(dim: int, heads: int, layers: int, norm: bool) -> nn.TransformerEncoder:
+    """Pre-norm GELU encoder layers without dropout (batch first), final LayerNorm if ``norm``."""
+    layer = nn.TransformerEncoderLayer(
+        dim, heads, 2 * dim, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+    )
+    final = nn.LayerNorm(dim) if norm else None
+    return nn.TransformerEncoder(layer, layers, norm=final, enable_nested_tensor=False)
+
+
+class ViT(nn.Module):
+    """Patches by a strided Conv2d -> tokens ``[n, L, E]`` -> learned positions -> pre-norm
+    encoder -> LayerNorm -> mean over tokens (AdaptiveAvgPool1d) -> Linear."""
+
+    def __init__(self, image=4, channels=2, patch=2, dim=8, heads=2, layers=1, classes=3):
+        super().__init__()
+        self.patches = nn.Conv2d(channels, dim, patch, stride=patch)
+        self.tokens = nn.Sequential(nn.Flatten(2), Permute(0, 2, 1))  # [n, E, L] -> [n, L, E]
+        self.pos = PositionalEmbedding((image // patch) ** 2, dim)
+        self.encoder = _encoder(dim, heads, layers, norm=True)
+        self.pool = nn.Sequential(Permute(0, 2, 1), nn.AdaptiveAvgPool1d(1), nn.Flatten())
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.pool(self.encoder(self.pos(self.tokens(self.patches(x))))))
+
+
+class GPT(nn.Module):
+    """Token embedding + learned positions -> causal pre-norm encoder -> LayerNorm -> Linear
+    head ``[n, L, V]`` -> logits ``[n, V, L]`` for CrossEntropyLoss over positions."""
+
+    def __init__(self, vocab=7, length=4, dim=8, heads=2, layers=1):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, dim)
+        self.pos = PositionalEmbedding(length, dim)
+        self.blocks = _encoder(dim, heads, layers, norm=False)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab)
+        self.logits = Permute(0, 2, 1)
+        causal = torch.ones(length, length, dtype=torch.bool).triu(1)  # True: not allowed
+        self.register_buffer("causal", causal, persistent=False)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        x = self.blocks(self.pos(self.tok(idx)), mask=self.causal, is_causal=True)
+        return self.logits(self.head(self.norm(x)))
 
 
 def make(name: str) -> tuple[nn.Module, torch.Tensor]:

@@ -114,3 +114,36 @@ def ggn_block(model: nn.Module, lossfunc: nn.Module, x: Tensor, y: Tensor, name:
     j = torch.func.jacrev(f)(params, x)[name].reshape(out.numel(), -1)
     hess = torch.func.hessian(lambda o: lossfunc(o, y))(out).reshape(out.numel(), out.numel())
     return j.T @ hess @ j
+
+
+def hessian_block(model: nn.Module, lossfunc: nn.Module, x: Tensor, y: Tensor, name: str) -> Tensor:
+    """The Hessian block ``[p, p]`` of the loss w.r.t. one parameter (flattened)."""
+    params = {k: p.detach() for k, p in model.named_parameters()}
+
+    def loss(p: Tensor) -> Tensor:
+        return lossfunc(torch.func.functional_call(model, {**params, name: p}, (x,)), y)
+
+    return torch.func.hessian(loss)(params[name]).reshape(params[name].numel(), -1)
+
+
+def assert_first_order(params: dict, grads: dict) -> None:
+    """Savefields of BatchGrad, BatchL2Grad, SumGradSquared and Variance on ``params`` against
+    per-sample gradients ``grads`` ``{name: [N, *P]}``."""
+    for key, p in params.items():
+        g = grads[key]
+        torch.testing.assert_close(p.grad_batch, g)
+        torch.testing.assert_close(p.batch_l2, g.flatten(1).square().sum(1))
+        torch.testing.assert_close(p.sum_grad_squared, g.square().sum(0))
+        torch.testing.assert_close(p.variance, g.var(0, unbiased=False))
+
+
+def assert_first_order_and_diagonals(params: dict, grads: dict, ggn: dict, hess: dict) -> None:
+    """``assert_first_order``, and (Batch)DiagGGNExact, (Batch)DiagHessian and DiagGGNMC's
+    shape against per-sample diagonals ``{name: [N, *P]}``."""
+    assert_first_order(params, grads)
+    for key, p in params.items():
+        torch.testing.assert_close(p.diag_ggn_exact, ggn[key].sum(0))
+        torch.testing.assert_close(p.diag_ggn_exact_batch, ggn[key])
+        torch.testing.assert_close(p.diag_h, hess[key].sum(0))
+        torch.testing.assert_close(p.diag_h_batch, hess[key])
+        assert p.diag_ggn_mc.shape == p.shape

@@ -16,10 +16,15 @@ from backpack import backpack, extend
 from backpack.extensions import (
     GGNMP,
     HMP,
+    KFAC,
+    KFLR,
+    KFRA,
     BatchDiagGGNExact,
     BatchGrad,
     DiagGGNExact,
     DiagHessian,
+    SqrtGGNExact,
+    SqrtGGNMC,
 )
 
 N = 5
@@ -56,21 +61,30 @@ def _problem(model_name: str, loss_name: str):
     return model, x.double(), y, loss_fn
 
 
-def _refs(model: nn.Module, x, y, loss_fn) -> tuple[dict, dict]:
-    """Whole-batch GGN and Hessian diagonals per parameter name."""
-    params = {k: p.detach() for k, p in model.named_parameters()}
-
+def _out(model: nn.Module, x):
     def out(p):  # fresh buffers: a train-mode forward updates them in place
         buffers = {k: b.clone() for k, b in model.named_buffers()}
         return functional_call(model, {**p, **buffers}, (x,))
 
+    return out
+
+
+def _ggn_blocks(model: nn.Module, x, y, loss_fn) -> dict:
+    """Whole-batch GGN blocks ``J^T H J`` ``[P, P]`` per parameter name."""
+    params, out = {k: p.detach() for k, p in model.named_parameters()}, _out(model, x)
     f = out(params)
     jac = jacrev(out)(params)
     h_out = hessian(lambda o: loss_fn(o, y))(f.detach()).reshape(f.numel(), f.numel())
+    return {k: jac[k].reshape(f.numel(), -1).T @ h_out @ jac[k].reshape(f.numel(), -1) for k in jac}
+
+
+def _refs(model: nn.Module, x, y, loss_fn) -> tuple[dict, dict]:
+    """Whole-batch GGN and Hessian diagonals per parameter name."""
+    params, out = {k: p.detach() for k, p in model.named_parameters()}, _out(model, x)
+    blocks = _ggn_blocks(model, x, y, loss_fn)
     ggn, hdiag = {}, {}
     for k, p in params.items():
-        j = jac[k].reshape(f.numel(), -1)
-        ggn[k] = torch.einsum("ap,ab,bp->p", j, h_out, j).reshape(p.shape)
+        ggn[k] = blocks[k].diagonal().reshape(p.shape)
         h = hessian(lambda q, k=k: loss_fn(out({**params, k: q}), y))(p)
         hdiag[k] = h.reshape(p.numel(), p.numel()).diagonal().reshape(p.shape)
     return ggn, hdiag
@@ -144,4 +158,52 @@ def test_batchnorm_contributions_opt_in():
     torch.testing.assert_close(last.weight.grad_batch, torch.einsum("no,ni->noi", g, hidden))
     with pytest.raises(NotImplementedError, match="BatchNorm1d"):
         with backpack(BatchDiagGGNExact(), batchnorm_contributions=True):
+            loss_fn(model(x), y).backward()
+
+
+@pytest.mark.parametrize("loss_name", LOSSES)
+@pytest.mark.parametrize("model_name", list(MODELS))
+def test_sqrt_ggn_whole_batch(model_name, loss_name):
+    """``[C, N, *P]``, entry ``(c, m)`` the whole batch's gradient along root column ``(c, m)``:
+    ``V V^T`` is the whole-batch GGN block, layers before and after the BatchNorm alike."""
+    model, x, y, loss_fn = _problem(model_name, loss_name)
+    blocks = _ggn_blocks(model, x, y, loss_fn)
+    model, loss_fn = extend(model), extend(loss_fn)
+    with backpack(SqrtGGNExact(), DiagGGNExact()):
+        loss_fn(model(x), y).backward()
+    for k, p in model.named_parameters():
+        v = p.sqrt_ggn_exact
+        assert v.shape == (3, N, *p.shape)
+        flat = v.reshape(-1, p.numel())
+        torch.testing.assert_close(flat.T @ flat, blocks[k], msg=f"SqrtGGN {k}")
+        torch.testing.assert_close(v.square().sum((0, 1)), p.diag_ggn_exact)
+
+
+def test_sqrt_ggn_mc_converges_and_subsampling_raises():
+    model, x, y, loss_fn = _problem("mlp", "ce-mean")
+    blocks = _ggn_blocks(model, x, y, loss_fn)
+    model, loss_fn = extend(model), extend(loss_fn)
+    with backpack(SqrtGGNMC(mc_samples=4000)):
+        loss_fn(model(x), y).backward()
+    for k, p in model.named_parameters():
+        assert p.sqrt_ggn_mc.shape == (4000, N, *p.shape)
+        flat = p.sqrt_ggn_mc.reshape(-1, p.numel())
+        atol = 0.05 * blocks[k].abs().max() + 1e-12  # 0.bias: BatchNorm removes it, block 0
+        torch.testing.assert_close(flat.T @ flat, blocks[k], atol=atol, rtol=0, msg=k)
+    with pytest.raises(NotImplementedError, match="BatchNorm with batch statistics"):
+        with backpack(SqrtGGNExact(subsampling=[0, 2])):
+            loss_fn(model(x), y).backward()
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["bn-params", "bn-frozen"])
+@pytest.mark.parametrize("ext", [KFAC, KFLR, KFRA])
+def test_kronecker_factors_raise(ext, frozen):
+    """No Kronecker structure for BatchNorm's parameters, and none for the layers in front of a
+    train-mode BatchNorm (the samples couple)."""
+    model, x, y, loss_fn = _problem("mlp", "ce-mean")
+    model[1].requires_grad_(not frozen)
+    model, loss_fn = extend(model), extend(loss_fn)
+    match = "batch statistics" if frozen else "no Kronecker factorisation for BatchNorm1d"
+    with pytest.raises(NotImplementedError, match=match):
+        with backpack(ext()):
             loss_fn(model(x), y).backward()

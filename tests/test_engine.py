@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import gc
 import logging
 
@@ -238,7 +239,7 @@ def test_unknown_parametrised_module_warns_and_strict_raises():
         with backpack(BatchGrad()):
             lossfunc(model(x), y).backward()
     assert hasattr(model[0][0].weight, "grad_batch")
-    assert not hasattr(model[1].scale, "grad_batch")
+    assert hasattr(model[1].scale, "grad_batch")  # by the automatic rule
     with pytest.raises(NotImplementedError, match="Unknown"):
         with backpack(BatchGrad(), strict=True):
             lossfunc(model(x), y).backward()
@@ -273,16 +274,26 @@ def test_reduction_none_with_backward_of_ones():
     torch.testing.assert_close(model[0].weight.grad_batch, ref["0.weight"])
 
 
-def test_module_reuse_raises_instead_of_wrong_numbers():
+def test_module_reuse_sums_the_contributions_of_every_call():
+    """``Sequential(lin, relu, lin)``: per-sample gradients of the shared weights (details and
+    every extension: tests/test_reuse.py); the next pass is independent."""
     lin = nn.Linear(4, 4).double()
     model, lossfunc = extend(nn.Sequential(lin, nn.ReLU(), lin)), extend(nn.CrossEntropyLoss())
     x, y = _data()
     y = y % 4
-    with pytest.raises(NotImplementedError, match="called several times"):
-        with backpack(BatchGrad()):
-            lossfunc(model(x), y).backward()
-    with backpack(BatchGrad()):  # the next pass starts clean
-        lossfunc(extend(_mlp())(x), y % 3).backward()
+    # on a copy: functional_call restores a module registered twice (Sequential(lin, ..,
+    # lin)) with the tensors it swapped in, not the parameters
+    ref = per_sample_grads(copy.deepcopy(model), lossfunc, x, y)
+    with backpack(BatchGrad(), BatchL2Grad()):
+        lossfunc(model(x), y).backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad_batch, ref[name])
+        torch.testing.assert_close(p.batch_l2, ref[name].flatten(1).square().sum(1))
+    other = extend(_mlp())
+    with backpack(BatchGrad()):
+        lossfunc(other(x), y % 3).backward()
+    ref = per_sample_grads(other, lossfunc, x, y % 3)
+    torch.testing.assert_close(other[0].weight.grad_batch, ref["0.weight"])
 
 
 @pytest.mark.parametrize("layer", [nn.Linear(4, 3), nn.Conv1d(4, 3, 1)])

@@ -18,7 +18,7 @@ from backpack.extensions import (
     Variance,
 )
 from tests.cases import LOSSES, make_target
-from tests.oracles import ggn_diag, hessian_diag, per_sample_grads
+from tests.oracles import assert_first_order, ggn_diag, hessian_diag, per_sample_grads
 
 ACTIVATIONS = [nn.ReLU, nn.Tanh, nn.Sigmoid, nn.ELU, nn.Identity, nn.LogSigmoid, nn.SELU]
 
@@ -68,12 +68,7 @@ def test_random_architecture_first_order(problem):
     extend(model)
     with backpack(BatchGrad(), BatchL2Grad(), SumGradSquared(), Variance()):
         lossfunc(model(x), y).backward()
-    for name, p in model.named_parameters():
-        gb = ref[name]
-        torch.testing.assert_close(p.grad_batch, gb)
-        torch.testing.assert_close(p.batch_l2, gb.flatten(1).square().sum(1))
-        torch.testing.assert_close(p.sum_grad_squared, gb.square().sum(0))
-        torch.testing.assert_close(p.variance, gb.var(0, unbiased=False))
+    assert_first_order(dict(model.named_parameters()), ref)
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -14,6 +14,7 @@ from backpack.derivatives import (
     normalization,  # noqa: F401
     padding,  # noqa: F401
     pooling,  # noqa: F401
+    position,  # noqa: F401
     rnn,  # noqa: F401
     shape_ops,  # noqa: F401
     softmax,  # noqa: F401

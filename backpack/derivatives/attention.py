@@ -18,13 +18,23 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import vjp, vmap
+from torch.func import functional_call, jvp, vjp, vmap
 
 from backpack.derivatives.autograd import param_residual_diag_autograd, residual_factors_autograd
 from backpack.derivatives.base import IO, Rule, register
+from backpack.derivatives.linear import LinearRule
 
 _ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask")
 _DEFAULTS = {"need_weights": True, "average_attn_weights": True}
+# projection weights -> their row blocks, by the projection's input ("o": out_proj's, the core)
+_KRON_BLOCKS = {
+    "in_proj_weight": "qkv",
+    "q_proj_weight": "q",
+    "k_proj_weight": "k",
+    "v_proj_weight": "v",
+    "out_proj.weight": "o",
+}
+_LINEAR = LinearRule()
 
 
 def _call_args(io: IO) -> dict[str, Any]:
@@ -51,9 +61,11 @@ def _float_mask(mask: Tensor | None, like: Tensor) -> Tensor | None:
     return torch.zeros_like(mask, dtype=like.dtype).masked_fill(mask, float("-inf"))
 
 
-def _core(module: nn.MultiheadAttention, args: dict, Q, K, V, bias_k, bias_v):
+def _core(module: nn.MultiheadAttention, args: dict, Q, K, V, bias_k, bias_v, fused=False):
     """Attention of the projections ``[n, L|S, E]`` -> ``(O [n, L, E], (weights))``;
-    ``bias_k``/``bias_v`` ``[n, 1, E]`` (or None) are appended to the keys/values."""
+    ``bias_k``/``bias_v`` ``[n, 1, E]`` (or None) are appended to the keys/values.
+    ``fused``: torch's fused kernel where no weights are returned (as the module's own forward;
+    it has reverse-mode AD only, and no batching rule)."""
     n, L, E = Q.shape
     h = module.num_heads
     attn_mask = _float_mask(args.get("attn_mask"), Q)
@@ -69,12 +81,22 @@ def _core(module: nn.MultiheadAttention, args: dict, Q, K, V, bias_k, bias_v):
         attn_mask = None if attn_mask is None else F.pad(attn_mask, (0, sum(extra)))
         kpm = None if kpm is None else F.pad(kpm, (0, sum(extra)))
     S = K.shape[1]
+    if attn_mask is not None and attn_mask.dim() == 3:  # [n h, L, S]: per sample and head
+        attn_mask = attn_mask.view(n, h, L, S)
+    kpm = None if kpm is None else kpm.view(n, 1, 1, S)
     heads = [t.reshape(n, -1, h, E // h).transpose(1, 2) for t in (Q, K, V)]  # [n, h, *, d]
+    if fused and not args["need_weights"]:
+        if args.get("is_causal") and kpm is None and not extra:  # attn_mask is the causal mask
+            out = F.scaled_dot_product_attention(*heads, is_causal=True)
+        else:
+            masks = [m for m in (attn_mask, kpm) if m is not None]
+            mask = sum(masks[1:], masks[0]) if masks else None
+            out = F.scaled_dot_product_attention(*heads, attn_mask=mask)
+        return (out.transpose(1, 2).reshape(n, L, E),)
     scores = heads[0] @ heads[1].transpose(-1, -2) / math.sqrt(E // h)  # [n, h, L, S]
-    if attn_mask is not None:
-        scores = scores + (attn_mask.view(n, h, L, S) if attn_mask.dim() == 3 else attn_mask)
-    if kpm is not None:
-        scores = scores + kpm.view(n, 1, 1, S)
+    for mask in (attn_mask, kpm):
+        if mask is not None:
+            scores = scores + mask
     attn = scores.softmax(-1)
     out = (attn @ heads[2]).transpose(1, 2).reshape(n, L, E)
     if not args["need_weights"]:
@@ -113,14 +135,19 @@ class _Explicit(nn.Module):
         return (_batch_first(m, F.linear(out, m.out_proj.weight, m.out_proj.bias)), *weights)
 
 
-def _backward(module: nn.MultiheadAttention, io: IO, gs: tuple) -> tuple[dict, tuple]:
-    """Per-sample parameter gradients ``{name: [n, *param]}`` and input gradients (module
-    layout) for output gradients ``gs`` (module layout; ``(g_out, g_weights | None)``)."""
+def _backward(
+    module: nn.MultiheadAttention, io: IO, gs: tuple, first_order: bool = False
+) -> tuple[dict, tuple | None, dict]:
+    """Per-sample parameter gradients ``{name: [n, *param]}``, input gradients (module layout)
+    and the gradients w.r.t. the projections' outputs ``{"q"|"k"|"v"|"o": [n, L|S, E]}``
+    (batch first; ``"o"``: ``out_proj``) for output gradients ``gs`` (module layout;
+    ``(g_out, g_weights | None)``). ``first_order``: one gradient, not vmapped (fused attention
+    kernel) and no input gradients (autograd computes those)."""
     args = _call_args(io)
     (q, k, v), proj, bias_kv = _projections(module, args)
     w = _weights(module)
     (core_out, *weights), core_vjp = vjp(
-        lambda q_, k_, v_, *b: _core(module, args, q_, k_, v_, *(b or (None, None))),
+        lambda q_, k_, v_, *b: _core(module, args, q_, k_, v_, *(b or (None, None)), first_order),
         *proj,
         *bias_kv,
     )
@@ -140,8 +167,10 @@ def _backward(module: nn.MultiheadAttention, io: IO, gs: tuple) -> tuple[dict, t
         grads.update({f"{c}_proj_weight": gw for c, gw in zip("qkv", w_grads)})
     if module.in_proj_bias is not None:
         grads["in_proj_bias"] = torch.cat([d.sum(1) for d in (dQ, dK, dV)], 1)
-    x_grads = tuple(_batch_first(module, d @ w[f"w{c}"]) for d, c in zip((dQ, dK, dV), "qkv"))
-    return grads, x_grads
+    x_grads = None
+    if not first_order:
+        x_grads = tuple(_batch_first(module, d @ w[f"w{c}"]) for d, c in zip((dQ, dK, dV), "qkv"))
+    return grads, x_grads, dict(zip("qkvo", (dQ, dK, dV, g_out)))
 
 
 @register(nn.MultiheadAttention)
@@ -194,9 +223,10 @@ class MultiheadAttentionRule(Rule):
         if args.get("is_causal") and mask is None:
             raise ValueError(f"{where}: is_causal=True needs its attn_mask (as in torch).")
 
-    def _grads(self, module: nn.MultiheadAttention, io: IO, g: Any) -> tuple[dict, tuple]:
+    def _grads(self, module: nn.MultiheadAttention, io: IO, g: Any) -> tuple[dict, None, dict]:
         if "grads" not in io.cache:
-            io.cache["grads"] = _backward(module, io, g if isinstance(g, tuple) else (g,))
+            grads = g if isinstance(g, tuple) else (g,)
+            io.cache["grads"] = _backward(module, io, grads, first_order=True)
         return io.cache["grads"]
 
     def batch_grad(self, module, io: IO, g: Any, name: str, out: Tensor | None = None) -> Tensor:
@@ -225,6 +255,38 @@ class MultiheadAttentionRule(Rule):
         """``[v, *out] -> [v, (n,) *param]`` (per-sample gradients for every column)."""
         out = self._backprop(module, io, mat)[0][name]
         return out.sum(1) if sum_batch else out
+
+    def param_jac_mat_prod(
+        self, module: nn.MultiheadAttention, io: IO, mat: Tensor, name: str
+    ) -> Tensor:
+        """``J_theta mat`` ``[v, *param] -> [v, *out]`` by forward-mode AD of the explicit
+        attention (torch's fused kernel, used with ``need_weights=False``, has none)."""
+        explicit, param = _Explicit(module), module.get_parameter(name).detach()
+
+        def forward(p: Tensor) -> Tensor:
+            return functional_call(explicit, {f"mha.{name}": p}, io.inputs, io.kwargs)[0]
+
+        with torch.no_grad():
+            return vmap(lambda v: jvp(forward, (param,), (v,))[1])(mat)
+
+    def kron_factors(
+        self, module: nn.MultiheadAttention, io: IO, mat: Tensor, name: str
+    ) -> list[tuple[Tensor, Tensor]] | None:
+        """Kronecker blocks ``[(a [1, n, 1, i, s], b [v, n, 1, o, s])]`` of a projection weight,
+        as ``nn.Linear`` on ``[n, L|S, E]`` gives them: ``a`` the projection's input, ``b`` what
+        flows to its output (for q/k/v: ``mat`` pulled back through the attention core); one
+        block per row block of ``in_proj_weight`` (q, k, v). None for the other parameters."""
+        if name not in _KRON_BLOCKS:
+            return None
+        if "proj_inputs" not in io.cache:
+            args = _call_args(io)
+            xs, proj, biases = _projections(module, args)
+            core_out = _core(module, args, *proj, *(biases or (None, None)))[0]
+            io.cache["proj_inputs"] = dict(zip("qkvo", (*xs, core_out)))
+        inputs, deltas = io.cache["proj_inputs"], self._backprop(module, io, mat)[2]
+        return [
+            _LINEAR.factors(module, IO((inputs[c],), None), deltas[c]) for c in _KRON_BLOCKS[name]
+        ]
 
     def _axes(self, module: nn.MultiheadAttention, io: IO) -> tuple[list[int], list[int]]:
         ax = self.batch_axis(module)

@@ -205,8 +205,15 @@ def register(*module_types: type):
 
 
 def rule_for(module: Module) -> Rule | None:
-    """The rule registered for ``type(module)`` (exact type match), or None."""
-    return _RULES.get(type(module))
+    """The rule registered for ``type(module)`` (exact type match); else the automatic rule
+    from ``torch.func`` for losses, leaves and modules with parameters of their own
+    (``backpack.derivatives.automatic``); else None (containers)."""
+    rule = _RULES.get(type(module))
+    if rule is None:
+        from backpack.derivatives.automatic import automatic_rule  # it imports this module
+
+        rule = automatic_rule(module)
+    return rule
 
 
 def diag_columns(root: Tensor) -> Tensor:

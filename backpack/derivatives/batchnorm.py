@@ -5,10 +5,13 @@ With batch statistics (training mode, or ``track_running_stats=False``) mean and
 taken over ``n`` and ``s`` per channel, so every output depends on every sample: the Jacobian is
 ``w istd / M (I - 1 1^T / M - xhat xhat^T / M)`` per channel (``M = n * |s|``, symmetric) and
 ``couples_samples`` tells the second-order streams to fold a source-sample axis into their
-columns. Whole-batch curvature (DiagGGN, DiagHessian, GGNMP/HMP/PCHMP) is exact; per-sample
-quantities are undefined and raise (see ``backpack.utils.errors``), except first-order ones under
-``backpack(..., batchnorm_contributions=True)`` (contributions ``J_n^T g_n`` summing to
-``.grad``). SqrtGGN and Kronecker factors raise as well.
+columns. Whole-batch curvature (DiagGGN, DiagHessian, GGNMP/HMP/PCHMP, and SqrtGGN, whose
+``[C, N, *P]`` then holds whole-batch gradients of the loss-Hessian root's columns, see
+``secondorder.sqrt_ggn``) is exact; per-sample quantities are undefined and raise (see
+``backpack.utils.errors``), except first-order ones under ``backpack(...,
+batchnorm_contributions=True)`` (contributions ``J_n^T g_n`` summing to ``.grad``). Kronecker
+factors (KFAC, KFLR, KFRA) raise: they assume independent samples (BatchNorm has none in
+BackPACK 1.7 either).
 """
 
 from __future__ import annotations
@@ -23,7 +26,16 @@ from backpack.derivatives.base import IO, Rule, dense_factors, register
 from backpack.utils.errors import batch_norm_raise_error_if_train, uses_batch_statistics
 
 # extensions whose quantity is a whole-batch curvature, well defined when samples couple
-_COUPLING_OK = {"DiagGGNExact", "DiagGGNMC", "DiagHessian", "GGNMP", "HMP", "PCHMP"}
+_COUPLING_OK = {
+    "DiagGGNExact",
+    "DiagGGNMC",
+    "DiagHessian",
+    "GGNMP",
+    "HMP",
+    "PCHMP",
+    "SqrtGGNExact",
+    "SqrtGGNMC",
+}
 
 
 def _per_channel(t: Tensor, spatial_dims: int) -> Tensor:

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 from torch.nn import Module, Parameter
 
 from backpack.derivatives.base import IO, Rule
+
+if TYPE_CHECKING:
+    from backpack.extensions.module_extension import ModuleExtension
+
+# classes some extension instance has a ModuleExtension for: their calls keep the output
+HANDLED_TYPES: set[type] = set()
 
 
 @dataclass
@@ -59,13 +65,45 @@ class BackpropExtension:
         savefield: attribute under which results are stored on each parameter.
         subsampling: indices of the samples to compute per-sample quantities for (the scale
             stays that of the full batch).
+        module_exts: ``{module class: ModuleExtension}``, handlers that replace the rule of
+            that exact class for this extension instance (see ``set_module_extension``).
     """
 
     stream = None  # what flows backward (second-order extensions); None: output gradient only
 
-    def __init__(self, savefield: str, subsampling: list[int] | None = None):
+    def __init__(
+        self,
+        savefield: str,
+        subsampling: list[int] | None = None,
+        *,
+        module_exts: dict[type, ModuleExtension] | None = None,
+    ):
         self.savefield = savefield
         self.subsampling = subsampling
+        self.module_exts: dict[type, ModuleExtension] = {}
+        for module_cls, extension in (module_exts or {}).items():
+            self.set_module_extension(module_cls, extension)
+
+    def set_module_extension(
+        self, module_cls: type, extension: ModuleExtension, overwrite: bool = False
+    ) -> None:
+        """Compute this extension on modules of exactly ``module_cls`` with ``extension``
+        (a ``backpack.extensions.module_extension.ModuleExtension``) instead of their rule.
+
+        Raises:
+            ValueError: if ``module_cls`` already has a handler and ``overwrite`` is False.
+        """
+        if module_cls in self.module_exts and not overwrite:
+            raise ValueError(
+                f"{module_cls} maps to {self.module_exts[module_cls]}! "
+                "Use overwrite = True to force replacement."
+            )
+        self.module_exts[module_cls] = extension
+        HANDLED_TYPES.add(module_cls)
+
+    def module_extension_for(self, module: Module) -> ModuleExtension | None:
+        """The handler set for the exact class of ``module`` (no subclass matching), or None."""
+        return self.module_exts.get(type(module))
 
     def get_subsampling(self) -> list[int] | None:
         """The sample indices this extension is restricted to (None: all)."""
@@ -83,29 +121,27 @@ class BackpropExtension:
         return f"{type(self).__name__}()"
 
 
-def warn_no_rule(module: Module, ext: BackpropExtension, strict: bool, seen: set) -> None:
-    """Warn once per (module type, extension) that a parametrised module has no rule.
+def warn_no_rule(module: Module, ext: BackpropExtension | None, strict: bool, seen: set) -> None:
+    """Warn once per module type that ``module`` has no hand-written rule, so that ``ext`` uses
+    the automatic rule from ``torch.func`` (``backpack.derivatives.automatic``), a slower one.
 
     Raises:
-        NotImplementedError: for second-order extensions (they must pass every module) and in
-            strict mode.
+        NotImplementedError: in strict mode (``backpack(..., strict=True)``, ``set_strict``).
     """
-    if ext.stream is not None:
-        raise NotImplementedError(
-            f"{type(ext).__name__}: no rule for module type {type(module).__name__} ({module}), "
-            "and second-order quantities must be backpropagated through every module. Register "
-            f"one with @backpack.register({type(module).__name__}) on a Rule subclass."
-        )
-    names = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
-    if not names:
-        return
-    msg = (
-        f"{type(ext).__name__}: no rule for module type {type(module).__name__} ({module}), "
-        f"so its parameters {names} get no '{ext.savefield}'. Register one with "
-        f"@backpack.register({type(module).__name__}) on a Rule subclass."
-    )
+    kind, ext_name = type(module).__name__, type(ext).__name__ if ext is not None else "backpack"
+    remedy = f"Register one with @backpack.register({kind}) on a Rule subclass"
     if strict:
-        raise NotImplementedError(msg)
-    if (type(module), type(ext)) not in seen:
-        seen.add((type(module), type(ext)))
-        warnings.warn(msg, UserWarning, stacklevel=3)
+        raise NotImplementedError(
+            f"{ext_name}: no rule for module type {kind} ({module}), and strict mode forbids "
+            f"the automatic rule. {remedy}, or leave strict mode (backpack(..., strict=False), "
+            "backpack.set_strict(False), environment variable BACKPACK_STRICT=0)."
+        )
+    if (type(module), "automatic") not in seen:
+        seen.add((type(module), "automatic"))
+        warnings.warn(
+            f"{ext_name}: no rule for module type {kind} ({module}); using the automatic rule "
+            "from torch.func: correct, but slower (it recomputes the forward pass and builds "
+            f"per-sample derivatives densely). {remedy} for speed.",
+            UserWarning,
+            stacklevel=3,
+        )

@@ -15,6 +15,7 @@ from torch.nn import Module
 
 from backpack.derivatives.base import IO, Rule
 from backpack.extensions.base import BackpropExtension, Call
+from backpack.extensions.reuse import Pieces
 
 
 class FirstOrderExtension(BackpropExtension):
@@ -38,6 +39,33 @@ class FirstOrderExtension(BackpropExtension):
     def compute(self, rule: Rule, module: Module, io: IO, g: Tensor, name: str) -> Tensor:
         """The quantity for parameter ``name`` from the output gradient ``g`` ``[n, *out]``."""
         return getattr(rule, self.method)(module, io, g, name)
+
+    def collect(self, call: Call, pieces: Pieces) -> None:
+        """One call of a module called several times: add its per-sample gradients."""
+        call.rule.check(call.module, call.io, self)
+        io, g = call.view(self.subsampling)
+        sub = None if self.subsampling is None else tuple(self.subsampling)
+        for name, _ in call.params():
+            pieces.add(
+                ("batch_grad", name, sub),
+                lambda n=name: call.rule.batch_grad(call.module, io, g, n),
+            )
+
+    def finish(self, pieces: Pieces) -> None:
+        """Store the quantity of the per-sample gradients summed over the calls."""
+        sub = None if self.subsampling is None else tuple(self.subsampling)
+        for name, param in pieces.params:
+            grad_batch = pieces.sums.get(("batch_grad", name, sub))
+            if grad_batch is not None:
+                setattr(param, self.savefield, self.from_batch_grad(grad_batch))
+
+    def from_batch_grad(self, grad_batch: Tensor) -> Tensor:
+        """The quantity from the per-sample gradients ``[n, *param]`` (for modules called
+        several times in one forward pass, whose calls' per-sample gradients are summed)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} has no from_batch_grad, needed where a module is called "
+            "several times in one forward pass."
+        )
 
 
 class BatchGrad(FirstOrderExtension):
@@ -66,17 +94,26 @@ class BatchGrad(FirstOrderExtension):
         )
         return rule.batch_grad(module, io, g, name, out=old if reuse else None)
 
+    def from_batch_grad(self, grad_batch: Tensor) -> Tensor:
+        return grad_batch
+
 
 class BatchL2Grad(FirstOrderExtension):
     """Squared norms of the per-sample gradients ``batch_l2`` ``[N]``, per parameter tensor."""
 
     savefield_default, method = "batch_l2", "batch_l2"
 
+    def from_batch_grad(self, grad_batch: Tensor) -> Tensor:
+        return grad_batch.flatten(1).square().sum(1)
+
 
 class SumGradSquared(FirstOrderExtension):
     """Second moment ``sum_grad_squared = sum_n g_n**2`` ``[*P]``."""
 
     savefield_default, method = "sum_grad_squared", "sum_grad_squared"
+
+    def from_batch_grad(self, grad_batch: Tensor) -> Tensor:
+        return grad_batch.square().sum(0)
 
 
 class Variance(FirstOrderExtension):
@@ -88,6 +125,9 @@ class Variance(FirstOrderExtension):
         n = _batch_size(rule, module, g)
         second = rule.sum_grad_squared(module, io, g, name) / n
         return second - (rule.grad(module, io, g, name) / n).square()
+
+    def from_batch_grad(self, grad_batch: Tensor) -> Tensor:
+        return grad_batch.var(0, unbiased=False)
 
 
 def _batch_size(rule: Rule, module: Module, g: Tensor | tuple[Tensor, ...]) -> int:

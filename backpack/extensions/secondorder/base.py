@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from backpack.extensions.base import BackpropExtension, Call
+from backpack.extensions.reuse import Pieces, is_mixed, start_mixed
 from backpack.extensions.secondorder.watch import watch_gradients
 
 COUPLED = "coupled"  # origin-key prefix: columns [v * n_src, n, ...] span every sample
@@ -114,11 +115,7 @@ class SecondOrderExtension(BackpropExtension):
             if not _is_coupled(origin):
                 return rule.param_diag(module, io, mat, name, sum_batch=self.sum_batch)
             if not self.sum_batch or self.subsampling is not None:
-                raise NotImplementedError(
-                    f"{type(self).__name__}: a layer after {module} couples the samples "
-                    "(BatchNorm with batch statistics), so per-sample or subsampled curvature "
-                    "is not defined. Use the whole-batch extension or model.eval()."
-                )
+                raise _coupled_error(self, module)
             return rule.param_jac_t_mat_prod(module, io, mat, name, sum_batch=True).square().sum(0)
 
         return sum(sign * diag(o, mat) for o, (sign, mat) in terms.items())
@@ -128,6 +125,74 @@ class SecondOrderExtension(BackpropExtension):
         io, flowing = _subsample(call, flowing, self.subsampling)
         for name, param in call.params():
             setattr(param, self.savefield, self.param_value(call, io, flowing, name))
+
+    # a module called several times in one forward: ``collect`` per call, ``finish`` once
+    def collect(self, call: Call, pieces: Pieces, flowing: Any) -> None:
+        """Add one call's linear pieces (see ``add_pieces``, ``add_mixed``) to ``pieces``."""
+        call.rule.check(call.module, call.io, self)
+        io, flowing = _subsample(call, flowing, self.subsampling)
+        mixed = {o: t for o, t in flowing.items() if is_mixed(o)}
+        if mixed:
+            flowing = {o: t for o, t in flowing.items() if not is_mixed(o)}
+        for name, _ in call.params():
+            self.add_pieces(call, io, flowing, name, pieces)
+            if mixed:
+                self.add_mixed(call, io, mixed, name, pieces)
+
+    def add_mixed(self, call: Call, io: Any, mixed: dict, name: str, pieces: Pieces) -> None:
+        """Pieces of the mixed second derivatives of downstream calls of the module."""
+        raise NotImplementedError(
+            f"{type(self).__name__}: {call.module} is called several times in one forward "
+            "pass and one call's input depends on another call's output; the Hessian blocks "
+            "between such calls are supported by DiagHessian and BatchDiagHessian only. Use a "
+            "separate module per call."
+        )
+
+    def finish(self, pieces: Pieces) -> None:
+        """Store ``finish_value`` for each parameter of the module."""
+        for name, param in pieces.params:
+            setattr(param, self.savefield, self.finish_value(pieces, name))
+
+    def _jac_t_key(self, name: str) -> tuple:
+        sub = None if self.subsampling is None else tuple(self.subsampling)
+        return ("jac_t", self.stream, name, sub)
+
+    def add_pieces(self, call: Call, io: Any, terms: dict, name: str, pieces: Pieces) -> None:
+        """Per origin, ``V = J^T S`` ``[v, n, *P]`` (coupled origins: summed over ``n``,
+        ``[v, *P]``); summed over the calls this is the square root of the parameter's block."""
+        module, rule = call.module, call.rule
+
+        def jac_t(origin: Any, mat: Tensor) -> Tensor:
+            coupled = _is_coupled(origin)
+            if coupled and (not self.sum_batch or self.subsampling is not None):
+                raise _coupled_error(self, module)
+            return rule.param_jac_t_mat_prod(module, io, mat, name, sum_batch=coupled)
+
+        pieces.add_terms(self._jac_t_key(name), terms, jac_t)
+
+    def finish_value(self, pieces: Pieces, name: str) -> Tensor:
+        """``sum_k sign_k sum_v V_kv ** 2`` (per sample unless ``sum_batch``) of the summed
+        pieces; an origin that arrived coupled in one call and per sample in another is
+        coupled (column ``(v, m)``: ``V_vm`` on sample ``m``)."""
+        terms = pieces.terms(self._jac_t_key(name))
+        for o in [o for o in terms if (COUPLED, o) in terms]:
+            sign, v = terms.pop(o)
+            terms[(COUPLED, o)] = (sign, terms[(COUPLED, o)][1] + v.flatten(0, 1))
+        value = 0
+        for o, (sign, v) in terms.items():
+            squares = v.square().sum(0)
+            if self.sum_batch and not _is_coupled(o):
+                squares = squares.sum(0)
+            value = value + sign * squares
+        return value
+
+
+def _coupled_error(ext: BackpropExtension, module: Any) -> NotImplementedError:
+    return NotImplementedError(
+        f"{type(ext).__name__}: a layer after {module} couples the samples "
+        "(BatchNorm with batch statistics), so per-sample or subsampled curvature "
+        "is not defined. Use the whole-batch extension or model.eval()."
+    )
 
 
 def _subsample(call: Call, flowing: Any, idx: list[int] | None) -> tuple[Any, Any]:
@@ -175,8 +240,11 @@ def _loss_scale(call: Call) -> float:
     return factor
 
 
-def run_streams(call: Call, exts: tuple[BackpropExtension, ...], flowing: dict) -> None:
-    """At one module: fetch (or, at a loss, start) each stream, store results, pass it on."""
+def run_streams(
+    call: Call, exts: tuple[BackpropExtension, ...], flowing: dict, pieces: Pieces | None = None
+) -> None:
+    """At one module: fetch (or, at a loss, start) each stream, store results (or, for a
+    module called several times, add the call's ``pieces``), pass it on."""
     groups: dict[Any, list[SecondOrderExtension]] = {}
     for ext in exts:
         if ext.stream is not None:
@@ -191,12 +259,21 @@ def run_streams(call: Call, exts: tuple[BackpropExtension, ...], flowing: dict) 
             value = flowing.pop((stream, *call.out_key), None)
             if value is None:
                 raise _missing(call, group)
+            mine = value
+            if getattr(stream, "residuals", False) and any(map(is_mixed, value)):
+                # mixed second derivatives of a reused module belong to its calls only
+                mine = {o: t for o, t in value.items() if not is_mixed(o) or o[1] == id(pieces)}
             for ext in group:
-                ext.store(call, value)
+                if pieces is None:
+                    ext.store(call, mine)
+                else:
+                    ext.collect(call, pieces, mine)
             if not any(call.in_keys):
                 continue
             new = stream.propagate(call, value)
             new = new if isinstance(new, list) else [new]
+            if pieces is not None and getattr(stream, "residuals", False):
+                start_mixed(call, pieces, new)
         for key, value in zip(call.in_keys, new):
             if key is not None and value is not None:
                 old = flowing.get((stream, *key))

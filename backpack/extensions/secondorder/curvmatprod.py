@@ -21,41 +21,89 @@ from torch.nn import Module
 
 from backpack.derivatives.base import IO, Rule
 from backpack.extensions.base import Call
-from backpack.extensions.secondorder.base import SecondOrderExtension, Stream, _is_coupled
+from backpack.extensions.reuse import Pieces
+from backpack.extensions.secondorder.base import (
+    COUPLED,
+    SecondOrderExtension,
+    Stream,
+    _couple,
+    _is_coupled,
+)
 
 
-def block_product(module: Module, rule: Rule, io: IO, terms: dict, name: str) -> Callable:
+def block_product(module: Module, rule: Rule, calls: list[tuple[IO, dict]], name: str) -> Callable:
     """``mat [V, *theta] -> J^T (sum_k sign_k S_k S_k^T) J mat [V, *theta]``, summed over the
     batch, for the signed factors ``terms = {origin: (sign, S_k [c_k, n, *out])}``, per sample
-    or (coupled origins, after BatchNorm with batch statistics) spanning the whole batch."""
-    factors = torch.cat([m.detach() for _, m in terms.values()])  # [c, n, *out]
+    or (coupled origins, after BatchNorm with batch statistics) spanning the whole batch.
+
+    ``calls``: ``(io, terms)`` of each call of the module (several where it is called several
+    times in one forward): then ``J = sum_c J_c``; an origin's columns are the same columns in
+    every call (zero in a call it does not reach)."""
+    calls = _couple_across_calls(calls)
+    origins: dict = {}  # origin -> (sign, number of columns)
+    for _, terms in calls:
+        origins.update({o: (s, m.shape[0]) for o, (s, m) in terms.items()})
+    ref = next(m for _, terms in calls for _, m in terms.values())
     signs = torch.cat(
         [
-            torch.full((m.shape[0],), float(s), dtype=m.dtype, device=m.device)
-            for s, m in terms.values()
+            torch.full((c,), float(s), dtype=ref.dtype, device=ref.device)
+            for s, c in origins.values()
         ]
     )
     coupled = torch.cat(
-        [
-            torch.full((m.shape[0], 1, 1), _is_coupled(o), device=m.device)
-            for o, (_, m) in terms.items()
-        ]
+        [torch.full((c, 1, 1), _is_coupled(o), device=ref.device) for o, (_, c) in origins.items()]
     )
-    flat = factors.flatten(2)
-    record = (io.inputs, io.output, io.kwargs)
+
+    def stacked(terms: dict) -> Tensor:
+        """``[c, n, *out]``: the call's columns, zero for origins it does not reach."""
+        shape = next(iter(terms.values()))[1].shape[1:]
+        return torch.cat(
+            [
+                terms[o][1].detach() if o in terms else ref.new_zeros(c, *shape)
+                for o, (_, c) in origins.items()
+            ]
+        )
+
+    # the detached records and factors, nothing else (no cache, no graph)
+    records = [((io.inputs, io.output, io.kwargs), stacked(terms)) for io, terms in calls]
 
     def product(mat: Tensor) -> Tensor:
-        fresh = IO(*record)  # own memo: the forward call's cache belongs to its backward pass
+        total = 0
         with torch.no_grad():
-            jmat = rule.param_jac_mat_prod(module, fresh, mat, name).flatten(2)  # [V, n, k]
+            fresh = [(IO(*record), f) for record, f in records]  # own memo: not the backward's
             # per-sample columns act on their own sample (block-diagonal over the batch),
             # coupled columns on the whole batch (their coefficient sums over n)
-            coef = torch.einsum("cnk,vnk->cnv", flat, jmat) * signs[:, None, None]
+            coef = 0
+            for io, f in fresh:
+                jmat = rule.param_jac_mat_prod(module, io, mat, name).flatten(2)  # [V, n, k]
+                coef = coef + torch.einsum("cnk,vnk->cnv", f.flatten(2), jmat)
+            coef = coef * signs[:, None, None]
             coef = torch.where(coupled, coef.sum(1, keepdim=True), coef)
-            back = torch.einsum("cnv,cnk->vnk", coef, flat).view(-1, *factors.shape[1:])
-            return rule.param_jac_t_mat_prod(module, fresh, back, name, sum_batch=True)
+            for io, f in fresh:
+                back = torch.einsum("cnv,cnk->vnk", coef, f.flatten(2)).view(-1, *f.shape[1:])
+                total = total + rule.param_jac_t_mat_prod(module, io, back, name, sum_batch=True)
+        return total
 
     return product
+
+
+def _couple_across_calls(calls: list[tuple[IO, dict]]) -> list[tuple[IO, dict]]:
+    """An origin coupled (after BatchNorm with batch statistics) in one call and per sample in
+    another is coupled in both, so its columns are the same columns in every call."""
+    keys = {o for _, terms in calls for o in terms}
+    both = {o for o in keys if (COUPLED, o) in keys}
+    if not both:
+        return calls
+
+    def couple(terms: dict) -> dict:
+        out = {}
+        for o, (s, m) in terms.items():
+            if o in both:
+                o, m = _couple(o, m)
+            out[o] = (s, m)
+        return out
+
+    return [(io, couple(terms)) for io, terms in calls]
 
 
 class _CurvMatProd(SecondOrderExtension):
@@ -70,7 +118,15 @@ class _CurvMatProd(SecondOrderExtension):
         return terms
 
     def param_value(self, call: Call, io: Any, terms: dict, name: str) -> Callable:
-        return block_product(call.module, call.rule, io, self.modify(terms), name)
+        return block_product(call.module, call.rule, [(io, self.modify(terms))], name)
+
+    def add_pieces(self, call: Call, io: Any, terms: dict, name: str, pieces: Pieces) -> None:
+        """Keep each call's record and factors: the product needs ``sum_c J_c`` on both sides."""
+        pieces.sums.setdefault(("calls", self.savefield, name), []).append((io, self.modify(terms)))
+
+    def finish_value(self, pieces: Pieces, name: str) -> Callable:
+        calls = pieces.sums[("calls", self.savefield, name)]
+        return block_product(pieces.module, pieces.rule, calls, name)
 
 
 class GGNMP(_CurvMatProd):

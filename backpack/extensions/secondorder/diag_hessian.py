@@ -5,9 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 
+from backpack.derivatives.base import chunks
 from backpack.extensions.base import Call
+from backpack.extensions.reuse import Pieces
 from backpack.extensions.secondorder.base import SecondOrderExtension, Stream
 
 
@@ -25,6 +28,48 @@ class DiagHessian(SecondOrderExtension):
         g = call.view(self.subsampling)[1]
         own = call.rule.param_residual_diag(call.module, io, g, name, sum_batch=self.sum_batch)
         return value if own is None else value + own
+
+    def add_pieces(self, call: Call, io: Any, terms: dict, name: str, pieces: Pieces) -> None:
+        """The backpropagated pieces, and the parameter's own residual (it adds over calls)."""
+        super().add_pieces(call, io, terms, name, pieces)
+        g = call.view(self.subsampling)[1]
+        residual = call.rule.param_residual_diag
+        pieces.add(
+            ("param_residual", name, self._jac_t_key(name)[3], self.sum_batch),
+            lambda: residual(call.module, io, g, name, sum_batch=self.sum_batch),
+        )
+
+    def add_mixed(self, call: Call, io: Any, mixed: dict, name: str, pieces: Pieces) -> None:
+        """``2 diag(M_c dx_c/dtheta)`` for the mixed derivatives ``M_c`` ``[P, n, *in]`` of this
+        parameter: entry ``p`` of ``J^T M_c[p]`` (chunks of columns: ``J^T M_c`` is
+        ``[P, n, P]``)."""
+        mats = [m for o, (_, m) in mixed.items() if o[2] == name]
+        if not mats:
+            return
+        shape = call.module.get_parameter(name).shape
+
+        def diagonal() -> Tensor:
+            total = 0
+            for mat in mats:
+                p, n = mat.shape[:2]
+                parts = []
+                for idx in chunks(p, mat[0].numel() + n * p):
+                    cols = call.rule.param_jac_t_mat_prod(
+                        call.module, io, mat[idx], name, sum_batch=self.sum_batch
+                    )
+                    cols = cols.reshape(len(cols), -1, p)[:, :, idx]  # [k, (n,) k]
+                    parts.append(cols.diagonal(dim1=0, dim2=2))
+                total = total + 2 * torch.cat(parts, dim=-1)
+            return total.reshape(shape) if self.sum_batch else total.reshape(-1, *shape)
+
+        pieces.add(("mixed", name, self._jac_t_key(name)[3], self.sum_batch), diagonal)
+
+    def finish_value(self, pieces: Pieces, name: str) -> Tensor:
+        value = super().finish_value(pieces, name)
+        for kind in ("param_residual", "mixed"):
+            own = pieces.sums.get((kind, name, self._jac_t_key(name)[3], self.sum_batch))
+            value = value if own is None else value + own
+        return value
 
 
 class BatchDiagHessian(DiagHessian):

@@ -22,6 +22,19 @@ Linear inputs with extra dims ``[N, *, i]`` (``S`` positions), ``kfac_approx``:
     ``"reduce"``: ``G = sum_{v,n} (sum_s b)(sum_s b)^T``, ``A = (1/N) sum_n abar abar^T`` with
         ``abar = mean_s a`` (exact where the positions are pooled before the loss).
 KFRA replaces ``sum_{v,n} b b^T`` by the backpropagated dense ``[D, D]`` block (``DenseStream``).
+
+Other rules opt in with ``kron_factors(module, io, mat, name)``: the blocks ``[(a, b)]`` of a
+weight in the Linear layout (``a [1, n, 1, i, s]``, ``b [v, n, 1, o, s]`` for ``mat``), or None
+for a parameter without Kronecker structure, which gets ``[G]``, its exact GGN block (KFRA: the
+batch-averaged one). ``kfac_approx`` applies as for Linear, ``b`` may differ per sample (KFRA
+averages ``F_n G F_n^T`` over the samples). A weight of several row blocks (``nn.
+MultiheadAttention``'s ``in_proj_weight`` ``[3E, E]``: q, k, v) keeps the curvature blocks of its
+row blocks only: ``[blockdiag(G_1..G_k), A]`` if all blocks share ``A`` (self-attention,
+``mha(x, x, x)``: one Kronecker product, ``kfacs_to_mat`` applies), else a list of pairs
+``[[G_1, A_1], .., [G_k, A_k]]`` (different query/key/value inputs).
+
+Samples coupled by a later BatchNorm with batch statistics (train mode) leave ``A`` without
+meaning: every Kronecker extension raises there.
 """
 
 from __future__ import annotations
@@ -39,10 +52,19 @@ from backpack.derivatives.conv import ConvFamilyRule
 from backpack.derivatives.conv_transpose import ConvTransposeRule, _full_size_gap
 from backpack.derivatives.linear_form import LinearFormRule
 from backpack.extensions.base import Call
-from backpack.extensions.secondorder.base import SecondOrderExtension
+from backpack.extensions.reuse import Pieces
+from backpack.extensions.secondorder.base import SecondOrderExtension, _is_coupled
 from backpack.utils.conv import get_conv_transpose_function
 
 KFAC_APPROX = ("expand", "reduce")
+
+
+@dataclass(frozen=True)
+class Dense:
+    """What ``DenseStream`` passes: the block ``mat`` ``[D, D]`` and the losses it comes from."""
+
+    origins: frozenset
+    mat: Tensor
 
 
 @dataclass(frozen=True)
@@ -51,47 +73,101 @@ class DenseStream:
 
     Starts at a loss as ``sum_n S_n S_n^T`` (the summed per-sample loss Hessians over the
     normaliser) and passes a module as ``(1/N) sum_n J_n^T G J_n``, for any rule with
-    ``jac_t_mat_prod``; contributions along several paths (and of several losses) add.
+    ``jac_t_mat_prod``. Blocks of several losses add; blocks of one loss along several paths do
+    not (the averages drop the cross terms ``J1_n^T G J2_n``): branching raises, as in 1.7.
     """
 
-    def start(self, call: Call, scale: float) -> Tensor:
+    def start(self, call: Call, scale: float) -> Dense:
         root = call.rule.sqrt_hessian(call.module, call.io).flatten(2)
-        return torch.einsum("cnd,cne->de", root, root) * scale
+        return Dense(frozenset({id(call.io)}), torch.einsum("cnd,cne->de", root, root) * scale)
 
-    def propagate(self, call: Call, dense: Tensor) -> list[Tensor | None]:
+    def propagate(self, call: Call, value: Dense) -> list[Dense | None]:
         """``(1/N) sum_n J_n^T G J_n`` per input: ``J^T`` on G's columns per sample, transpose,
-        again."""
-        rule, module, g = call.rule, call.module, call.grads[0]
-        n, out, d = g.shape[0], g.shape[1:], dense.shape[0]
-
-        def jac_t(io: Any, mat: Tensor) -> tuple:
-            res = rule.jac_t_mat_prod(module, io, mat)
-            return res if isinstance(res, tuple) else (res,)
-
+        again. Inputs that are one tensor (``mha(x, x, x)``) count once, with the summed ``J``."""
+        rule, module, g, dense = call.rule, call.module, call.grads[0], value.mat
+        if getattr(rule, "couples_samples", lambda _: False)(module):
+            raise NotImplementedError(
+                f"KFRA: {module} normalises with batch statistics, which couples the samples; "
+                "the batch-averaged dense block assumes independent samples. Call model.eval()."
+            )
+        ax, n, _ = _out_layout(call)
+        d = dense.shape[0]
         totals: list = []
         for idx in chunks(n, d * (d + call.io.input0[0].numel())):
             io = call.io
             if idx != slice(0, n):
                 io, _ = rule.subsample(module, io, g, list(range(n))[idx])
-            m = idx.stop - idx.start
-            cols = dense.reshape(d, 1, *out).expand(d, m, *out).contiguous()
-            for i, left in enumerate(jac_t(io, cols)):  # [d, n, *in_i] = J_i^T G
-                if left is None:
-                    block = None
-                else:
-                    left = left.reshape(d, m, -1)
-                    d_in = left.shape[-1]
-                    right = left.permute(2, 1, 0).reshape(d_in, m, *out)  # columns of G J_i
-                    block = jac_t(io, right)[i].reshape(d_in, m, d_in).sum(1)
+
+            def jac_t(mat: Tensor, io: Any = io) -> list[Tensor | None]:  # [k, m, D_in] each
+                res = rule.jac_t_mat_prod(module, io, mat)
+                res = _merge_shared(res if isinstance(res, tuple) else (res,), call.in_keys)
+                return [r if r is None else r.movedim(ax + 1, 1).flatten(2) for r in res]
+
+            lefts = jac_t(_dense_columns(call, dense, idx.stop - idx.start))
+            for i, left in enumerate(lefts):
+                block = None if left is None else _sandwich(call, left, lambda m, i=i: jac_t(m)[i])
                 if len(totals) <= i:
                     totals.append(block)
                 elif block is not None:
                     totals[i] = totals[i] + block
-        return [None if t is None else t.T / n for t in totals]
+        return [None if t is None else Dense(value.origins, t / n) for t in totals]
 
     @staticmethod
-    def accumulate(old: Tensor, new: Tensor) -> Tensor:
-        return old + new
+    def accumulate(old: Dense, new: Dense) -> Dense:
+        if old.origins & new.origins:
+            raise NotImplementedError(
+                "KFRA: the network branches (a residual connection, a tensor used by several "
+                "modules): the batch-averaged dense blocks of the paths do not add up to the "
+                "block of their sum (the cross terms between paths are lost). Use KFLR or KFAC."
+            )
+        return Dense(old.origins | new.origins, old.mat + new.mat)
+
+
+def _out_layout(call: Call) -> tuple[int, int, tuple[int, ...]]:
+    """Batch axis, batch size and one sample's shape of the module's output."""
+    g, ax = call.grads[0], call.rule.batch_axis(call.module)
+    return ax, g.shape[ax], (*g.shape[:ax], *g.shape[ax + 1 :])
+
+
+def _as_output(call: Call, rows: Tensor) -> Tensor:
+    """``[k, m, d]`` (``d``: a flattened sample's output) -> ``[k, *out]`` of ``m`` samples in
+    the module's layout."""
+    ax, _, sample = _out_layout(call)
+    return rows.reshape(*rows.shape[:2], *sample).movedim(1, ax + 1)
+
+
+def _dense_columns(call: Call, dense: Tensor, m: int) -> Tensor:
+    """The columns of ``G`` ``[d, d]`` on each of ``m`` samples: ``[d, *out]``."""
+    d = dense.shape[0]
+    return _as_output(call, dense.unsqueeze(1).expand(d, m, d)).contiguous()
+
+
+def _sandwich(call: Call, left: Tensor, f: Any) -> Tensor:
+    """``sum_n F_n G F_n^T`` ``[D, D]`` from ``left = f(columns of G)`` ``[d, m, D]``, for
+    per-sample linear maps ``f: [k, *out] -> [k, m, D]`` (``G`` symmetric)."""
+    return f(_as_output(call, left.permute(2, 1, 0))).sum(1).T
+
+
+def _merge_shared(parts: tuple, keys: tuple) -> tuple:
+    """Parts of inputs that are one tensor (same autograd key) summed into the first's slot."""
+    out, first = list(parts), {}
+    for i, (part, key) in enumerate(zip(parts, keys)):
+        if part is None or key is None:
+            continue
+        if key in first:
+            out[first[key]], out[i] = out[first[key]] + part, None
+        else:
+            first[key] = i
+    return tuple(out)
+
+
+def _map_factors(factors: list, fn: Any, at: tuple = ()) -> list:
+    """``factors`` (``[G, A]``, ``[G]`` or lists of these) with each factor ``f`` replaced by
+    ``fn(position, f, is_a)``."""
+    return [
+        fn((*at, i), f, i == 1) if isinstance(f, Tensor) else _map_factors(f, fn, (*at, i))
+        for i, f in enumerate(factors)
+    ]
 
 
 def _group_blocks(mat: Tensor, groups: int) -> Tensor:
@@ -138,14 +214,32 @@ class KroneckerExtension(SecondOrderExtension):
         params = call.params()
         if not params:
             return
-        if not isinstance(call.rule, LinearFormRule):
+        if isinstance(flowing, Dense):
+            flowing = flowing.mat
+        if isinstance(flowing, dict) and any(_is_coupled(o) for o in flowing):
+            raise NotImplementedError(
+                f"{type(self).__name__} on {call.module}: a later layer normalises with batch "
+                "statistics (BatchNorm in training mode), which couples the samples; Kronecker "
+                "factors assume independent samples (A is a second moment over the batch) and "
+                "are not defined. Call model.eval() or use DiagGGNExact/SqrtGGNExact."
+            )
+        kron = getattr(call.rule, "kron_factors", None)
+        if kron is None and not isinstance(call.rule, LinearFormRule):
             raise NotImplementedError(
                 f"{type(self).__name__}: no Kronecker factorisation for {call.module} (parameters "
-                f"{[n for n, _ in params]}): only Linear, ConvNd and ConvTransposeNd weights act "
-                "as a matrix on input patches. Freeze these parameters (requires_grad=False) or "
-                "use a diagonal extension (DiagGGNExact) for them."
+                f"{[n for n, _ in params]}): only Linear, ConvNd, ConvTransposeNd and "
+                "MultiheadAttention weights act as a matrix on input patches. Freeze these "
+                "parameters (requires_grad=False) or use a diagonal extension (DiagGGNExact) "
+                "for them."
             )
         call.rule.check(call.module, call.io, self)
+        if kron is not None:  # KFRA: G's columns on every sample, shared by all parameters
+            cols = None
+            if isinstance(self.stream, DenseStream):
+                cols = _dense_columns(call, flowing, _out_layout(call)[1])
+            for name, param in params:
+                setattr(param, self.savefield, self._rule_factors(call, flowing, name, cols))
+            return
         if isinstance(call.rule, ConvTransposeRule):
             warnings.warn(
                 f"{type(self).__name__}: the Kronecker factors of {call.module} approximate the "
@@ -165,6 +259,40 @@ class KroneckerExtension(SecondOrderExtension):
             else:
                 g_blocks = _group_blocks(bias_g, groups)
             setattr(param, self.savefield, [_blockdiag(g_blocks), _blockdiag(_a(call, mode))])
+
+    def collect(self, call: Call, pieces: Pieces, flowing: Any) -> None:
+        """A module called several times: its calls are extra positions (``"expand"``), each
+        call's ``G`` is summed and its ``A`` averaged over the calls. A parameter with the
+        exact block ``[G]`` (a bias) keeps it exact: ``V^T V`` with ``V = sum_c J_c^T S_c``
+        (KFRA: the calls' blocks summed). ``store`` computes the call's factors (it sets them
+        on the parameters; ``finish`` replaces them)."""
+        self.store(call, flowing)
+        for name, param in call.params():
+            factors = getattr(param, self.savefield)
+            pieces.sums[("kron_layout", self.savefield, name)] = factors
+            if self._exact_block(factors):
+                self.add_pieces(call, call.io, flowing, name, pieces)
+                continue
+            key = (self.savefield, name)
+            _map_factors(factors, lambda at, f, _, key=key: pieces.add((*key, at), lambda: f))
+
+    def finish(self, pieces: Pieces) -> None:
+        for name, param in pieces.params:
+            layout = pieces.sums[("kron_layout", self.savefield, name)]
+            if self._exact_block(layout):
+                terms = pieces.terms(self._jac_t_key(name)).values()
+                cols = [(sign, v.flatten(2).flatten(0, 1)) for sign, v in terms]  # [v n, P]
+                setattr(param, self.savefield, [sum(sign * c.T @ c for sign, c in cols)])
+                continue
+
+            def total(at: tuple, _: Tensor, is_a: bool, name: str = name) -> Tensor:
+                return pieces.sums[(self.savefield, name, at)] / (pieces.calls if is_a else 1)
+
+            setattr(param, self.savefield, _map_factors(layout, total))
+
+    def _exact_block(self, factors: list) -> bool:
+        exact = len(factors) == 1 and isinstance(factors[0], Tensor)
+        return exact and not isinstance(self.stream, DenseStream)
 
     def _bias_g(self, call: Call, flowing: Any) -> Tensor:
         """``sum_{v,n} (sum_s b)(sum_s b)^T`` ``[o, o]``."""
@@ -189,11 +317,53 @@ class KroneckerExtension(SecondOrderExtension):
             groups, dim_b, s = full.shape[2:]
             full = full.reshape(groups, dim_b, s, groups, dim_b, s).diagonal(dim1=0, dim2=3)
             return torch.einsum("bscsg->gbc", full)
-        g = 0
-        for sign, mat in flowing.values():
-            b = factors(module, io, mat)[1]
-            g = g + sign * torch.einsum("vngbs,vngcs->gbc", b, b)
-        return g
+        return sum(
+            sign * _g_of(factors(module, io, m)[1], "expand") for sign, m in flowing.values()
+        )
+
+    def _rule_factors(self, call: Call, flowing: Any, name: str, cols: Tensor | None) -> list:
+        """From the rule's ``kron_factors`` blocks: ``[G, A]``, ``[blockdiag(G_1..G_k), A]`` if
+        all blocks share ``A``, else ``[[G_1, A_1], .., [G_k, A_k]]``; ``[G]``, the exact GGN
+        block, for parameters without Kronecker structure. KFRA: ``cols``, the columns of
+        ``G`` on every sample, give ``(1/N) sum_n F_n G F_n^T`` for each sample's map ``F_n``."""
+        rule, module, io, mode = call.rule, call.module, call.io, self.kfac_approx
+        dense, n = cols is not None, _out_layout(call)[1]
+        terms = [] if dense else list(flowing.values())
+        blocks = rule.kron_factors(module, io, cols if dense else terms[0][1], name)
+        if blocks is None:
+
+            def exact(mat: Tensor) -> Tensor:  # [v, n, P]
+                out = rule.param_jac_t_mat_prod(module, io, mat, name, sum_batch=False)
+                return out.flatten(2)
+
+            if dense:
+                return [_sandwich(call, exact(cols), exact) / n]
+            cols_per_term = [(sign, exact(m).flatten(0, 1)) for sign, m in terms]
+            return [sum(sign * c.T @ c for sign, c in cols_per_term)]
+        pairs = []
+        for i, (a, b) in enumerate(blocks):
+            if dense:  # the whole (B s) x (B s) block, then over positions as in the mode
+
+                def f(mat: Tensor, i: int = i) -> Tensor:
+                    return rule.kron_factors(module, io, mat, name)[i][1].flatten(2)
+
+                dim_b, s = b.shape[-2:]
+                full = (_sandwich(call, f(cols), f) / n).reshape(dim_b, s, dim_b, s)
+                g = full.diagonal(dim1=1, dim2=3).sum(-1) if mode == "expand" else full.sum((1, 3))
+            else:
+                g = sum(
+                    sign * _g_of(rule.kron_factors(module, io, m, name)[i][1], mode)[0]
+                    for sign, m in terms
+                )
+            key = ("kron_A", name, i, mode)
+            if key not in io.cache:
+                io.cache[key] = _a_of(a[0], mode)[0]
+            pairs.append([g, io.cache[key]])
+        if len(pairs) == 1:
+            return pairs[0]
+        if all(torch.equal(p[1], pairs[0][1]) for p in pairs[1:]):
+            return [torch.block_diag(*(p[0] for p in pairs)), pairs[0][1]]
+        return pairs
 
 
 def _a(call: Call, mode: str) -> Tensor:
@@ -205,11 +375,25 @@ def _a(call: Call, mode: str) -> Tensor:
             a = transposed_patches(call.module, call.io.input0, g.shape[2:])
         else:
             a = call.rule.factors(call.module, call.io, g.unsqueeze(0))[0][0]
-        scale = 1.0 / a.shape[0]
-        if mode == "reduce":
-            a = a.mean(-1, keepdim=True)
-        elif mode == "expand":
-            scale /= a.shape[-1]
-        flat = a.permute(1, 2, 0, 3).flatten(2)  # [g, A, n s], one copy for both operands
-        call.io.cache[key] = torch.bmm(flat, flat.transpose(1, 2)) * scale
+        call.io.cache[key] = _a_of(a, mode)
     return call.io.cache[key]
+
+
+def _a_of(a: Tensor, mode: str) -> Tensor:
+    """``A`` ``[g, A, A]`` of input-side patches ``a [n, g, A, s]``: ``(1/N) sum_{n,s} a a^T``
+    (``"conv"``), over ``N S`` instead (``"expand"``), of ``mean_s a`` (``"reduce"``)."""
+    scale = 1.0 / a.shape[0]
+    if mode == "reduce":
+        a = a.mean(-1, keepdim=True)
+    elif mode == "expand":
+        scale /= a.shape[-1]
+    flat = a.permute(1, 2, 0, 3).flatten(2)  # [g, A, n s], one copy for both operands
+    return torch.bmm(flat, flat.transpose(1, 2)) * scale
+
+
+def _g_of(b: Tensor, mode: str) -> Tensor:
+    """``sum_{v,n,s} b b^T`` ``[g, B, B]`` of output-side matrices ``b [v, n, g, B, s]``:
+    positions as samples (``"expand"``), else summed over positions first."""
+    if mode != "expand":
+        b = b.sum(-1, keepdim=True)
+    return torch.einsum("vngbs,vngcs->gbc", b, b)

@@ -4,6 +4,13 @@
 Jacobian per sample. Exact: one column per model output (``c``; the loss rule's column
 convention, e.g. cross-entropy's ``diag(sqrt p) - p sqrt(p)^T``); MC: ``mc_samples`` sampled
 columns. Several extended losses concatenate their columns.
+
+BatchNorm with batch statistics (train mode) couples the samples: the GGN block is
+``J^T H J`` of the whole batch (``J`` the Jacobian of all outputs), no longer a sum of per-sample
+blocks. The layout stays ``[C, N, *P]``: entry ``(c, m)`` is the gradient of the whole batch's
+output along column ``c`` of sample ``m``'s loss-Hessian root, ``sum_n J_n^T S_(c,m),n``, so
+``sum_{c,m} V_cm V_cm^T = J^T H J`` still holds; without coupling this is the per-sample
+``J_m^T S_cm`` as before. Subsampling is undefined then and raises.
 """
 
 from __future__ import annotations
@@ -12,7 +19,13 @@ import torch
 from torch import Tensor
 
 from backpack.extensions.base import Call
-from backpack.extensions.secondorder.base import SecondOrderExtension, Stream
+from backpack.extensions.reuse import Pieces
+from backpack.extensions.secondorder.base import (
+    SecondOrderExtension,
+    Stream,
+    _coupled_error,
+    _is_coupled,
+)
 
 
 class _SqrtGGN(SecondOrderExtension):
@@ -21,9 +34,32 @@ class _SqrtGGN(SecondOrderExtension):
         self.stream = Stream(mc_samples)
 
     def param_value(self, call: Call, io, terms: dict, name: str) -> Tensor:
-        jac_t = call.rule.param_jac_t_mat_prod
-        parts = [jac_t(call.module, io, m, name, sum_batch=False) for _, m in terms.values()]
+        """``J^T S`` ``[v, n, *P]`` per origin, concatenated; coupled origins: ``[v, m, *P]``,
+        the whole batch's ``sum_n J_n^T S_(v,m),n`` (see the module docstring)."""
+        jac_t, module = call.rule.param_jac_t_mat_prod, call.module
+        parts = []
+        for origin, (_, m) in terms.items():
+            if not _is_coupled(origin):
+                parts.append(jac_t(module, io, m, name, sum_batch=False))
+            elif self.subsampling is not None:
+                raise _coupled_error(self, module)
+            else:
+                whole = jac_t(module, io, m, name, sum_batch=True)  # [v * m, *P]
+                parts.append(whole.unflatten(0, (-1, m.shape[1])))
         return torch.cat(parts)
+
+    def add_pieces(self, call: Call, io, terms: dict, name: str, pieces: Pieces) -> None:
+        """``param_value``'s part of each origin, keyed by the origin without its coupling:
+        coupled or not, a part is ``[v, n, *P]`` with the same columns, so the calls' add."""
+        key = ("sqrt_ggn", *self._jac_t_key(name))
+        for origin, term in terms.items():
+            plain = origin[1] if _is_coupled(origin) else origin
+            part = {origin: term}
+            pieces.add((*key, plain), lambda p=part: self.param_value(call, io, p, name))
+
+    def finish_value(self, pieces: Pieces, name: str) -> Tensor:
+        """The per-origin sums ``sum_c J_c^T S_c`` of the calls, concatenated."""
+        return torch.cat(list(pieces.with_prefix(("sqrt_ggn", *self._jac_t_key(name))).values()))
 
 
 class SqrtGGNExact(_SqrtGGN):
