@@ -18,7 +18,6 @@ from backpack import backpack, extend
 from backpack.extensions import (
     GGNMP,
     HMP,
-    KFAC,
     BatchDiagGGNExact,
     BatchDiagHessian,
     BatchGrad,
@@ -212,11 +211,6 @@ def test_block_products_and_mc(config):
         torch.testing.assert_close(product(mat), (block @ mat.flatten(1).T).T.reshape(mat.shape))
     scale = ggn.diagonal().abs().max().item()
     torch.testing.assert_close(w.diag_ggn_mc.flatten(), ggn.diagonal(), atol=0.05 * scale, rtol=0.1)
-
-
-def test_kronecker_extensions_raise_as_for_embedding():
-    with pytest.raises(NotImplementedError, match="KFAC: no Kronecker .*EmbeddingBag"):
-        _run("sum-2d", [KFAC()])
 
 
 def test_differentiable_per_sample_weights_raise_in_second_order():

@@ -19,6 +19,7 @@ from backpack.extensions import (
     HMP,
     KFAC,
     KFLR,
+    KFRA,
     BatchDiagGGNExact,
     BatchDiagGGNMC,
     BatchDiagHessian,
@@ -179,21 +180,19 @@ def test_kronecker_factors_of_linear_and_conv_weights(name, approx):
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_kronecker_on_attention_weights(name):
-    """MultiheadAttention's weights: Kronecker factors with the parameter's size, or a clear
-    NotImplementedError naming the remedy."""
-    # TODO(H11): MultiheadAttention's factors have landed (in_proj [3E, 3E] x [E, E]); drop the
-    # NotImplementedError branch once they are final
-    layers = (nn.Linear, nn.Conv2d, nn.MultiheadAttention)  # out_proj is a Linear subclass
-    try:
-        _, converted, *_ = _run(name, [KFAC(), KFLR()], lambda m: isinstance(m, layers))
-    except NotImplementedError as err:
-        assert "MultiheadAttention" in str(err) and "DiagGGNExact" in str(err)
-        return
-    for p in converted.parameters():
-        if p.requires_grad:
-            for factors in (p.kfac, p.kflr):
-                _check_factors(p, factors)
+def test_kronecker_factors_on_the_whole_model(name):
+    """KFAC and KFLR on every parameter: Linear, conv and attention weights ``[G, A]``,
+    embeddings ``[A, G]``, LayerNorm parameters and biases ``[G]`` (KFLR: their exact GGN
+    block). KFRA raises: the residual connections branch."""
+    model, converted, lossfunc, x, y = _run(name, [KFAC(), KFLR()])
+    for key, p in converted.named_parameters():
+        for factors in (p.kfac, p.kflr):
+            _check_factors(p, factors)
+        if len(p.kflr) == 1:
+            with sdpa_kernel(SDPBackend.MATH):
+                torch.testing.assert_close(p.kflr[0], ggn_block(model, lossfunc, x, y, key))
+    with pytest.raises(NotImplementedError, match="KFRA: the network branches"):
+        _run(name, [KFRA()])
 
 
 POSITION_PROBLEMS = [

@@ -129,6 +129,11 @@ class BatchNormRule(Rule):
             return per_channel * self._xhat(module, io)
         return per_channel.expand(-1, *x.shape)
 
+    def kron_factors(self, module: nn.Module, io: IO, mat: Tensor, name: str) -> None:
+        """Elementwise scale and shift have no Kronecker structure: Kronecker extensions store
+        their exact ``[P, P]`` curvature block ``[G]`` (``P`` = channels or normalised entries)."""
+        return None
+
     def param_jac_t_mat_prod(
         self, module: nn.Module, io: IO, mat: Tensor, name: str, sum_batch: bool = True
     ) -> Tensor:

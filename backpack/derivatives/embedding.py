@@ -20,6 +20,7 @@ reading the single element ``(argmax row, j)`` (``R, d = V * D, 1``).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from backpack.derivatives.base import IO, Rule, register
@@ -109,6 +110,20 @@ class EmbeddingRule(Rule):
         slots = mat.reshape(mat.shape[0], *self._table(module))[:, rows]
         return self._unslot(module, io, slots if weights is None else slots * weights[..., None])
 
+    kron_input_rows = True  # W [V, D] is a Linear weight W^T: Kronecker factors [A, G]
+
+    def kron_factors(
+        self, module: nn.Module, io: IO, mat: Tensor, name: str
+    ) -> list[tuple[Tensor, Tensor]]:
+        """One Kronecker block ``(a [1, n, 1, V, K], b [v, n, 1, D, K])``: the slots as
+        positions, ``a`` each slot's one-hot row times its factor, ``b`` what flows to it."""
+        rows, weights = self._layout(module, io)
+        a = F.one_hot(rows, self._table(module)[0]).to(mat.dtype)  # [n, K, V]
+        if weights is not None:
+            a = a * weights.unsqueeze(-1)
+        b = self._slots(module, io, mat)  # [v, n, K, D]
+        return [(a.transpose(1, 2)[None, :, None], b.transpose(2, 3)[:, :, None])]
+
     def _segments(self, module: nn.Module, io: IO, mat: Tensor) -> tuple[Tensor, Tensor]:
         """Rows of ``J^T mat`` per (vector, sample) that can be nonzero: keys
         ``(v * n + sample) * R + row`` ``[u]`` and the rows ``[u, d]``, slots of a key summed.
@@ -172,6 +187,20 @@ class EmbeddingBagRule(EmbeddingRule):
 
     def _unslot(self, module: nn.EmbeddingBag, io: IO, slots: Tensor) -> Tensor:
         return slots.squeeze(-1) if module.mode == "max" else slots.sum(2)
+
+    def kron_factors(
+        self, module: nn.EmbeddingBag, io: IO, mat: Tensor, name: str
+    ) -> list[tuple[Tensor, Tensor]]:
+        """A bag is one position whose input is its weighted one-hot rows summed:
+        ``(a [1, n, 1, V, 1], b [v, n, 1, D, 1])``."""
+        if module.mode == "max":
+            raise NotImplementedError(
+                f"KFAC/KFLR/KFRA (Kronecker factors): {module} (mode='max') reads one row per "
+                "feature, which is no matrix product with its input; use mode='sum'/'mean', a "
+                "diagonal extension (DiagGGNExact), or freeze its weight (requires_grad=False)."
+            )
+        ((a, b),) = super().kron_factors(module, io, mat, name)
+        return [(a.sum(-1, keepdim=True), b[..., :1])]
 
     def _build(self, module: nn.EmbeddingBag, io: IO) -> tuple[Tensor, Tensor | None]:
         """Slots of each bag, see the module docstring."""

@@ -90,6 +90,11 @@ class _NormRule(Rule):
         out = self._norm_jac(module, io, mat)
         return out if w is None else out * w
 
+    def kron_factors(self, module: nn.Module, io: IO, mat: Tensor, name: str) -> None:
+        """Elementwise scale and shift have no Kronecker structure: Kronecker extensions store
+        their exact ``[P, P]`` curvature block ``[G]`` (``P`` = channels or normalised entries)."""
+        return None
+
     def param_jac_t_mat_prod(
         self, module: nn.Module, io: IO, mat: Tensor, name: str, sum_batch: bool = True
     ) -> Tensor:

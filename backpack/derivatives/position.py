@@ -3,6 +3,7 @@ rows of ``W`` (rows beyond the sequence length ``L`` get no gradient)."""
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -38,3 +39,17 @@ class PositionalEmbeddingRule(Rule):
         """``[v, P, *feat] -> [v, n, L, *feat]``: rows ``:L`` of ``mat`` for every sample."""
         x = io.input0
         return mat[:, None, : x.shape[1]].expand(mat.shape[0], *x.shape)
+
+    kron_input_rows = True  # W [P, *feat]: rows are positions, the input side
+
+    def kron_factors(
+        self, module: PositionalEmbedding, io: IO, mat: Tensor, name: str
+    ) -> list[tuple[Tensor, Tensor]]:
+        """The layer reads row ``l`` at position ``l``, an Embedding of ``arange(L)``: one
+        Kronecker block ``(a [1, n, 1, P, L], b [v, n, 1, F, L])``, ``a`` the one-hot rows,
+        ``b`` ``mat`` with the features flattened."""
+        x = io.input0
+        n, length, rows = x.shape[0], x.shape[1], module.weight.shape[0]
+        eye = torch.eye(rows, length, dtype=mat.dtype, device=mat.device)
+        b = mat.flatten(3).transpose(2, 3)[:, :, None]
+        return [(eye.expand(1, n, 1, rows, length), b)]

@@ -33,6 +33,12 @@ row blocks only: ``[blockdiag(G_1..G_k), A]`` if all blocks share ``A`` (self-at
 ``mha(x, x, x)``: one Kronecker product, ``kfacs_to_mat`` applies), else a list of pairs
 ``[[G_1, A_1], .., [G_k, A_k]]`` (different query/key/value inputs).
 
+Rules whose weight ``W [in, out]`` has its rows on the input side (``kron_input_rows``:
+Embedding ``[V, D]``, EmbeddingBag, PositionalEmbedding ``[P, *feat]``, ``a`` one-hot rows) give
+``[A, G]`` instead, still row-major: ``A ⊗ G`` approximates the weight's block. Normalisation
+layers (LayerNorm, RMSNorm, GroupNorm, InstanceNorm, eval-mode BatchNorm) return None: their
+elementwise scale and shift get ``[G]``.
+
 Samples coupled by a later BatchNorm with batch statistics (train mode) leave ``A`` without
 meaning: every Kronecker extension raises there.
 """
@@ -161,13 +167,19 @@ def _merge_shared(parts: tuple, keys: tuple) -> tuple:
     return tuple(out)
 
 
-def _map_factors(factors: list, fn: Any, at: tuple = ()) -> list:
-    """``factors`` (``[G, A]``, ``[G]`` or lists of these) with each factor ``f`` replaced by
-    ``fn(position, f, is_a)``."""
+def _map_factors(factors: list, fn: Any, a_at: int = 1, at: tuple = ()) -> list:
+    """``factors`` (``[G, A]``, ``[A, G]`` with ``a_at=0``, ``[G]`` or lists of these) with each
+    factor ``f`` replaced by ``fn(position, f, is_a)``."""
     return [
-        fn((*at, i), f, i == 1) if isinstance(f, Tensor) else _map_factors(f, fn, (*at, i))
+        fn((*at, i), f, i == a_at) if isinstance(f, Tensor) else _map_factors(f, fn, a_at, (*at, i))
         for i, f in enumerate(factors)
     ]
+
+
+def _a_at(rule: Any) -> int:
+    """Position of ``A`` in a weight's factors: 0 where the weight's rows index the input side
+    (``W [in, out]``: Embedding, positional embeddings; rule attribute ``kron_input_rows``)."""
+    return 0 if getattr(rule, "kron_input_rows", False) else 1
 
 
 def _group_blocks(mat: Tensor, groups: int) -> Tensor:
@@ -227,10 +239,11 @@ class KroneckerExtension(SecondOrderExtension):
         if kron is None and not isinstance(call.rule, LinearFormRule):
             raise NotImplementedError(
                 f"{type(self).__name__}: no Kronecker factorisation for {call.module} (parameters "
-                f"{[n for n, _ in params]}): only Linear, ConvNd, ConvTransposeNd and "
-                "MultiheadAttention weights act as a matrix on input patches. Freeze these "
-                "parameters (requires_grad=False) or use a diagonal extension (DiagGGNExact) "
-                "for them."
+                f"{[n for n, _ in params]}): Kronecker factors exist for weights acting as a "
+                "matrix on the input (Linear, ConvNd, ConvTransposeNd, MultiheadAttention, "
+                "Embedding, EmbeddingBag, PositionalEmbedding) and for normalisation layers. "
+                "Freeze these parameters (requires_grad=False) or use a diagonal extension "
+                "(DiagGGNExact) for them."
             )
         call.rule.check(call.module, call.io, self)
         if kron is not None:  # KFRA: G's columns on every sample, shared by all parameters
@@ -269,7 +282,7 @@ class KroneckerExtension(SecondOrderExtension):
         self.store(call, flowing)
         for name, param in call.params():
             factors = getattr(param, self.savefield)
-            pieces.sums[("kron_layout", self.savefield, name)] = factors
+            pieces.sums[("kron_layout", self.savefield, name)] = (factors, _a_at(call.rule))
             if self._exact_block(factors):
                 self.add_pieces(call, call.io, flowing, name, pieces)
                 continue
@@ -278,7 +291,7 @@ class KroneckerExtension(SecondOrderExtension):
 
     def finish(self, pieces: Pieces) -> None:
         for name, param in pieces.params:
-            layout = pieces.sums[("kron_layout", self.savefield, name)]
+            layout, a_at = pieces.sums[("kron_layout", self.savefield, name)]
             if self._exact_block(layout):
                 terms = pieces.terms(self._jac_t_key(name)).values()
                 cols = [(sign, v.flatten(2).flatten(0, 1)) for sign, v in terms]  # [v n, P]
@@ -288,7 +301,7 @@ class KroneckerExtension(SecondOrderExtension):
             def total(at: tuple, _: Tensor, is_a: bool, name: str = name) -> Tensor:
                 return pieces.sums[(self.savefield, name, at)] / (pieces.calls if is_a else 1)
 
-            setattr(param, self.savefield, _map_factors(layout, total))
+            setattr(param, self.savefield, _map_factors(layout, total, a_at))
 
     def _exact_block(self, factors: list) -> bool:
         exact = len(factors) == 1 and isinstance(factors[0], Tensor)
@@ -360,7 +373,7 @@ class KroneckerExtension(SecondOrderExtension):
                 io.cache[key] = _a_of(a[0], mode)[0]
             pairs.append([g, io.cache[key]])
         if len(pairs) == 1:
-            return pairs[0]
+            return pairs[0][:: 1 if _a_at(rule) else -1]
         if all(torch.equal(p[1], pairs[0][1]) for p in pairs[1:]):
             return [torch.block_diag(*(p[0] for p in pairs)), pairs[0][1]]
         return pairs
