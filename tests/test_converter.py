@@ -84,8 +84,6 @@ def test_sqrt_ggn_and_products_match_dense_blocks(name):
         torch.testing.assert_close(flat.T @ flat, ggn)
         mat = torch.randn(2, *p.shape, dtype=p.dtype)
         torch.testing.assert_close(p.ggnmp(mat).flatten(1), (ggn @ mat.flatten(1).T).T)
-        if name == "lstm" and key.startswith("lstm."):
-            continue  # gap of the RNN rule, not the converter: HMP lacks its parameter residual
         hess = hessian_block(model, lossfunc, x, y, key)
         torch.testing.assert_close(p.hmp(mat).flatten(1), (hess @ mat.flatten(1).T).T)
 

@@ -7,7 +7,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, hessian, jacrev
 
-from backpack import backpack, disable
+from backpack import backpack, disable, extend
+from backpack.custom_module.reduce_tuple import ReduceTuple
 from backpack.extensions import GGNMP, HMP, PCHMP
 from tests.cases import CHAIN_CASES, SECOND_ORDER_GAPS, problems
 from tests.oracles import ggn_block
@@ -137,3 +138,21 @@ def test_backpack_import_path():
     from backpack.extensions.curvmatprod import PCHMP as P
 
     assert (G, H, P) == (GGNMP, HMP, PCHMP)
+
+
+def test_pchmp_raises_on_parameters_the_output_is_curved_in():
+    """An LSTM's output is curved in its weights: PCHMP would need the positive part of their
+    own (indefinite) Hessian residual, so it raises; HMP includes the residual (exactness:
+    test_converter.py, test_vit_gpt.py), and the Linear head is fine for both."""
+    torch.manual_seed(0)
+    lstm = nn.LSTM(3, 2, batch_first=True).double()
+    model = nn.Sequential(lstm, ReduceTuple(0), nn.Flatten(), nn.Linear(8, 3)).double()
+    x, y = torch.randn(2, 4, 3, dtype=torch.float64), torch.tensor([0, 2])
+    model, lossfunc = extend(model), extend(nn.CrossEntropyLoss())
+    with pytest.raises(NotImplementedError, match=r"PCHMP: the output of LSTM.*weight_ih_l0"):
+        with backpack(PCHMP()):
+            lossfunc(model(x), y).backward()
+    lstm.requires_grad_(False)
+    with backpack(PCHMP()):
+        lossfunc(model(x), y).backward()
+    assert model[3].weight.pchmp(torch.randn(1, 3, 8, dtype=torch.float64)).shape == (1, 3, 8)

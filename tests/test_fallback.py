@@ -258,8 +258,7 @@ def test_other_extensions_without_rules():
         root = p.sqrt_ggn_exact.flatten(0, 1).flatten(1)
         torch.testing.assert_close(root.T @ root, ggn)
         torch.testing.assert_close(p.ggnmp(mat).flatten(1), flat @ ggn)
-        if name != "1.w":  # HMP lacks the second derivative of a layer in its own weight
-            torch.testing.assert_close(p.hmp(mat).flatten(1), flat @ hess)
+        torch.testing.assert_close(p.hmp(mat).flatten(1), flat @ hess)
         scale = p.diag_ggn_exact.abs().max()
         torch.testing.assert_close(p.diag_ggn_mc, p.diag_ggn_exact, atol=0.05 * scale, rtol=0.1)
     with pytest.raises(NotImplementedError, match=r"KFLR: no Kronecker factorisation for Custom"):

@@ -8,7 +8,6 @@ from torch import nn
 
 from backpack import backpack, extend
 from backpack.custom_module.transformer import convert_transformer
-from backpack.derivatives.base import rule_for
 from backpack.extensions import BatchGrad, DiagGGNExact
 from tests.oracles import ggn_diag, per_sample_grads
 
@@ -57,8 +56,6 @@ class _Encoder(nn.Module):
 @pytest.mark.parametrize("norm_first", [False, True])
 def test_encoder_layer_extensions(norm_first):
     """Per-sample gradients and the exact GGN diagonal of a converted encoder layer."""
-    if rule_for(nn.LayerNorm(2)) is None:
-        pytest.xfail("nn.LayerNorm has no rule yet (another helper's work)")
     torch.manual_seed(0)
     model = extend(_Encoder(norm_first).to(D).eval())
     lossfunc = extend(nn.CrossEntropyLoss())

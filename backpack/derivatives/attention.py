@@ -20,7 +20,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, jvp, vjp, vmap
 
-from backpack.derivatives.autograd import param_residual_diag_autograd, residual_factors_autograd
+from backpack.derivatives.autograd import (
+    param_residual_diag_autograd,
+    param_residual_mat_prod_autograd,
+    residual_factors_autograd,
+)
 from backpack.derivatives.base import IO, Rule, register
 from backpack.derivatives.linear import LinearRule
 
@@ -309,6 +313,14 @@ class MultiheadAttentionRule(Rule):
         return param_residual_diag_autograd(
             _Explicit(module), io, g, f"mha.{name}", sum_batch, in_axes, out_axes
         )
+
+    def param_residual_mat_prod(
+        self, module: nn.MultiheadAttention, io: IO, g: Any, name: str, mat: Tensor
+    ) -> Tensor | None:
+        """Nonzero for ``Wq``, ``Wk`` and their biases, as ``param_residual_diag``."""
+        if name.startswith("out_proj") or name in ("v_proj_weight", "bias_v"):
+            return None
+        return param_residual_mat_prod_autograd(_Explicit(module), io, g, f"mha.{name}", mat)
 
 
 def _move_mask(io: IO) -> IO:

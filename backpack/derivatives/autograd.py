@@ -199,6 +199,26 @@ def param_residual_diag_autograd(
         )
 
 
+def param_residual_mat_prod_autograd(
+    module: Module, io: IO, g: Any, name: str, mat: Tensor
+) -> Tensor:
+    """``(d2 <g, out> / dtheta2) mat`` ``[V, *param]`` for parameter ``name`` and ``mat``
+    ``[V, *param]``: one Hessian-vector product of the recorded call per column."""
+    state = state_of(module)
+    theta = state.pop(name)
+
+    def scalar(th: Tensor) -> Tensor:
+        return _inner(call(module, {**state, name: th}, io.inputs, io.kwargs), g)
+
+    def hvp(v: Tensor) -> Tensor:
+        return jvp(grad(scalar), (theta,), (v,))[1]
+
+    try:
+        return vmap(hvp)(mat)
+    except RuntimeError:  # fused kernels without a batching rule (nn.RNN): one column at a time
+        return torch.stack([hvp(v) for v in mat])
+
+
 def recorded(module: Module, io: IO) -> tuple[list, list[int], Callable]:
     """``(leaves, pos, forward)``: the input leaves, the positions of the floating-point ones
     and ``forward(xs, state)``, the float outputs of the recorded call with those replaced."""

@@ -41,6 +41,7 @@ from backpack.derivatives.autograd import (
     hessian_blocks,
     masked_vjp,
     param_residual_diag_autograd,
+    param_residual_mat_prod_autograd,
     per_sample_vjp,
     recorded,
     residual_factors_autograd,
@@ -223,6 +224,11 @@ class AutogradRule(Rule):
         n = (g[0] if isinstance(g, tuple) else g).shape[0]
         split = tree_map(lambda t: split_samples(t, n), g)
         return vmap(lambda gk: param_residual_diag_autograd(module, io, gk, name))(split)
+
+    def param_residual_mat_prod(
+        self, module: Module, io: IO, g: Any, name: str, mat: Tensor
+    ) -> Tensor:
+        return param_residual_mat_prod_autograd(module, io, g, name, mat)
 
     # the base versions take a single output gradient; these also take a tuple
     def batch_grad(

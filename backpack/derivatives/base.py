@@ -110,6 +110,14 @@ class Rule:
         Hessian residual (DiagHessian adds it); None where the output is linear in it."""
         return None
 
+    def param_residual_mat_prod(
+        self, module: Module, io: IO, g: Any, name: str, mat: Tensor
+    ) -> Tensor | None:
+        """``(sum_k g_k d2out_k/dtheta2) mat`` ``[V, *param]`` over the batch, the parameter's
+        own Hessian residual times ``mat [V, *param]`` (HMP adds it); None where the output is
+        linear in it."""
+        return None
+
     def param_jac_t_mat_prod(
         self, module: Module, io: IO, mat: Tensor, name: str, sum_batch: bool = True
     ) -> Tensor:

@@ -21,7 +21,11 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 from torch.utils._pytree import tree_map
 
-from backpack.derivatives.autograd import param_residual_diag_autograd, residual_factors_autograd
+from backpack.derivatives.autograd import (
+    param_residual_diag_autograd,
+    param_residual_mat_prod_autograd,
+    residual_factors_autograd,
+)
 from backpack.derivatives.base import IO, Rule, chunks, register
 
 Factors = dict[str, tuple[Tensor, Tensor | None]]  # param name -> (delta b, activation a | None)
@@ -64,7 +68,8 @@ def _recompute(
         x = x.detach().requires_grad_()
     x_in = x
     if not module.batch_first:
-        x = x.transpose(0, 1)
+        with torch.enable_grad():  # backward runs under no_grad: keep x tied to x_in
+            x = x.transpose(0, 1)
     n, steps = x.shape[:2]
     dirs = 2 if module.bidirectional else 1
     h_size = module.proj_size or module.hidden_size
@@ -233,6 +238,11 @@ class RecurrentRule(Rule):
         torch.func (one Hessian-vector product per entry)."""
         in_axes, out_axes = self._axes(module, io)
         return param_residual_diag_autograd(module, io, g, name, sum_batch, in_axes, out_axes)
+
+    def param_residual_mat_prod(
+        self, module: nn.RNNBase, io: IO, g: Any, name: str, mat: Tensor
+    ) -> Tensor:
+        return param_residual_mat_prod_autograd(module, io, g, name, mat)
 
     def batch_grad(
         self, module: nn.RNNBase, io: IO, g: Any, name: str, out: Tensor | None = None

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.nn import Module
+from torch.utils._pytree import tree_map
 
 from backpack.derivatives.base import IO, Rule
 from backpack.extensions.base import Call
@@ -117,16 +118,59 @@ class _CurvMatProd(SecondOrderExtension):
         """The signed factors whose curvature the product uses (all of them by default)."""
         return terms
 
+    def own(self, call: Call, io: IO, name: str) -> Callable | None:
+        """The product with the parameter's own Hessian residual (HMP), None to leave it out."""
+        return None
+
     def param_value(self, call: Call, io: Any, terms: dict, name: str) -> Callable:
-        return block_product(call.module, call.rule, [(io, self.modify(terms))], name)
+        product = block_product(call.module, call.rule, [(io, self.modify(terms))], name)
+        return _plus(product, [self.own(call, io, name)])
 
     def add_pieces(self, call: Call, io: Any, terms: dict, name: str, pieces: Pieces) -> None:
-        """Keep each call's record and factors: the product needs ``sum_c J_c`` on both sides."""
-        pieces.sums.setdefault(("calls", self.savefield, name), []).append((io, self.modify(terms)))
+        """Keep each call's record and factors: the product needs ``sum_c J_c`` on both sides;
+        the calls' own residuals add."""
+        entry = (io, self.modify(terms), self.own(call, io, name))
+        pieces.sums.setdefault(("calls", self.savefield, name), []).append(entry)
 
     def finish_value(self, pieces: Pieces, name: str) -> Callable:
         calls = pieces.sums[("calls", self.savefield, name)]
-        return block_product(pieces.module, pieces.rule, calls, name)
+        product = block_product(pieces.module, pieces.rule, [c[:2] for c in calls], name)
+        return _plus(product, [c[2] for c in calls])
+
+
+def _plus(product: Callable, owns: list[Callable | None]) -> Callable:
+    """``product`` plus the own-residual products in ``owns`` (None: none)."""
+    owns = [o for o in owns if o is not None]
+    if not owns:
+        return product
+
+    def total(mat: Tensor) -> Tensor:
+        out = product(mat)
+        for own in owns:
+            extra = own(mat)
+            out = out if extra is None else out + extra.detach()
+        return out
+
+    return total
+
+
+def _curved_in_params(rule: Rule) -> bool:
+    """Whether the rule may have parameter residuals (overrides ``param_residual_mat_prod``)."""
+    return type(rule).param_residual_mat_prod is not Rule.param_residual_mat_prod
+
+
+def _own_residual(call: Call, io: IO, name: str) -> Callable | None:
+    """``mat -> (sum_k g_k d2out_k/dtheta2) mat`` on detached copies of the record and output
+    gradient; None for rules linear in their parameters."""
+    if not _curved_in_params(call.rule):
+        return None
+    module, rule, record = call.module, call.rule, (io.inputs, io.output, io.kwargs)
+    g = tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, call.view(None)[1])
+
+    def own(mat: Tensor) -> Tensor | None:
+        return rule.param_residual_mat_prod(module, IO(*record), g, name, mat)
+
+    return own
 
 
 class GGNMP(_CurvMatProd):
@@ -142,6 +186,9 @@ class HMP(_CurvMatProd):
     def __init__(self, savefield: str = "hmp"):
         super().__init__(savefield, residuals=True)
 
+    def own(self, call: Call, io: IO, name: str) -> Callable | None:
+        return _own_residual(call, io, name)
+
 
 class PCHMP(_CurvMatProd):
     """``pchmp``: ``f(mat [V, *P]) -> [V, *P]``, the positive-curvature Hessian block times
@@ -155,6 +202,19 @@ class PCHMP(_CurvMatProd):
             raise ValueError(f"PCHMP: modify must be one of {self.MODIFY}, got {modify!r}.")
         super().__init__(savefield, residuals=True)
         self.modify_name = modify
+
+    def own(self, call: Call, io: IO, name: str) -> None:
+        """A parameter the output is curved in has an indefinite own residual whose positive
+        part needs its dense ``[P, P]`` block: raise rather than leave it out."""
+        own = _own_residual(call, io, name)
+        param = dict(call.params())[name]
+        if own is not None and own(torch.zeros_like(param).unsqueeze(0)) is not None:
+            raise NotImplementedError(
+                f"PCHMP: the output of {call.module} is curved in its parameter {name!r}; the "
+                "positive part of that parameter's own Hessian residual is not computed. Use "
+                "HMP (the full Hessian block) or GGNMP, or freeze the parameter."
+            )
+        return None
 
     def modify(self, terms: dict) -> dict:
         """Residual parts carry their sign; the loss's root is always positive."""
