@@ -3,11 +3,14 @@
 For a parameter ``theta`` of a module whose output curvature is ``C = sum_k sign_k S_k S_k^T``
 (the backpropagated stream), the stored ``f(mat)`` maps ``[V, *theta] -> [V, *theta]`` to
 ``J_theta^T C J_theta mat`` over the batch: the ``theta`` block of the GGN (exact root, no
-residuals), of the Hessian (with the curved layers' residuals) or of the positive-curvature
-Hessian (residuals' negative parts dropped, ``'clip'``, or counted positive, ``'abs'``).
+residuals), of the Hessian (with the curved layers' residuals, plus ``(sum_k g_k d2out_k /
+dtheta2) mat`` where the module's output is curved in ``theta`` itself) or of the
+positive-curvature Hessian (residuals' negative parts dropped, ``'clip'``, or counted positive,
+``'abs'``; it raises where the output is curved in ``theta``).
 
-A closure holds the module, its detached forward record and the factors, nothing else: it stays
-valid after later backward passes and keeps no autograd graph alive.
+A closure holds the module, its detached forward record and the factors (and, for HMP on a
+module curved in its parameters, the detached output gradient), nothing else: it stays valid
+after later backward passes and keeps no autograd graph alive.
 """
 
 from __future__ import annotations

@@ -373,7 +373,8 @@ class KroneckerExtension(SecondOrderExtension):
                 io.cache[key] = _a_of(a[0], mode)[0]
             pairs.append([g, io.cache[key]])
         if len(pairs) == 1:
-            return pairs[0][:: 1 if _a_at(rule) else -1]
+            g, a = pairs[0]
+            return [a, g] if _a_at(rule) == 0 else [g, a]
         if all(torch.equal(p[1], pairs[0][1]) for p in pairs[1:]):
             return [torch.block_diag(*(p[0] for p in pairs)), pairs[0][1]]
         return pairs
