@@ -13,6 +13,7 @@ from backpack.extensions import (
     HMP,
     KFAC,
     KFLR,
+    KFRA,
     BatchDiagGGNExact,
     BatchDiagHessian,
     BatchGrad,
@@ -35,13 +36,8 @@ from tests.oracles import (
 )
 
 
-def _run(name: str, exts: list, kron_only: bool = False):
+def _run(name: str, exts: list):
     model, x = make(name)
-    if kron_only:  # Kronecker factors exist for Linear/Conv/ConvTranspose weights only
-        for m in model.modules():
-            if not isinstance(m, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
-                for p in m.parameters(recurse=False):
-                    p.requires_grad_(False)
     lossfunc, y = nn.CrossEntropyLoss(), torch.tensor([0, 2, 1])
     converted = extend(model, use_converter=True)
     with backpack(*exts):
@@ -88,14 +84,24 @@ def test_sqrt_ggn_and_products_match_dense_blocks(name):
         torch.testing.assert_close(p.hmp(mat).flatten(1), (hess @ mat.flatten(1).T).T)
 
 
-@pytest.mark.parametrize("name", [n for n in MODELS if n != "lstm"])
-def test_kron_factors_have_the_parameter_shape(name):
-    _, converted, *_ = _run(name, [KFAC(), KFLR()], kron_only=True)
+@pytest.mark.parametrize("name", MODELS)
+def test_kronecker_factors_on_every_parameter(name):
+    """KFAC and KFLR: square factors whose sizes multiply to the parameter's; KFLR's single
+    factors (biases, BatchNorm) are exact GGN blocks. KFRA raises where the graph branches."""
+    model, converted, lossfunc, x, y = _run(name, [KFAC(), KFLR()])
+    for key, p in converted.named_parameters():
+        for factors in (p.kfac, p.kflr):
+            assert all(f.shape[0] == f.shape[1] for f in factors)
+            assert torch.Size([f.shape[0] for f in factors]).numel() == p.numel()
+        if len(p.kflr) == 1:
+            torch.testing.assert_close(p.kflr[0], ggn_block(model, lossfunc, x, y, key))
+    if name != "lstm":
+        with pytest.raises(NotImplementedError, match="KFRA: the network branches"):
+            _run(name, [KFRA()])
+        return
+    _, converted, *_ = _run(name, [KFRA()])
     for p in converted.parameters():
-        if p.requires_grad:
-            for factors in (p.kfac, p.kflr):
-                assert all(f.shape[0] == f.shape[1] for f in factors)
-                assert torch.Size([f.shape[0] for f in factors]).numel() == p.numel()
+        assert torch.Size([f.shape[0] for f in p.kfra]).numel() == p.numel()
 
 
 class _Functional(nn.Module):

@@ -1,6 +1,7 @@
 """Kronecker factors of the parametrised layers that are no plain matrix product: normalisation
 layers (their exact block ``[G]``), Embedding, EmbeddingBag and PositionalEmbedding (``[A, G]``,
-``W [V, D]`` acting as a Linear weight ``W^T`` on one-hot rows)."""
+``W [V, D]`` acting as a Linear weight ``W^T`` on one-hot rows), recurrent layers (Linears
+shared over time steps)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from torch import nn
 
 from backpack import backpack, extend
 from backpack.custom_module.position import PositionalEmbedding
+from backpack.custom_module.reduce_tuple import ReduceTuple
 from backpack.extensions import KFAC, KFLR, KFRA
 from backpack.utils.kroneckers import kfacs_to_mat
 from tests.oracles import ggn_block
@@ -152,3 +154,40 @@ def test_positional_embedding_factors(reduction):
     a, g = pos.weight.kflr
     torch.testing.assert_close(a, torch.eye(4, dtype=D) / 4)
     assert g.shape == (3, 3) and torch.linalg.eigvalsh(g).min() > 0
+
+
+RNNS = {
+    "RNN": lambda: nn.RNN(3, 2, batch_first=True),
+    "LSTM": lambda: nn.LSTM(3, 2, batch_first=True),
+    "GRU": lambda: nn.GRU(3, 2, batch_first=True),
+    "LSTM-2layer-bidir-proj": lambda: nn.LSTM(
+        3, 3, 2, batch_first=True, bidirectional=True, proj_size=2
+    ),
+}
+
+
+def _rnn_problem(name: str, n: int, steps: int):
+    torch.manual_seed(0)
+    rnn = RNNS[name]()
+    out = steps * (rnn.proj_size or rnn.hidden_size) * (2 if rnn.bidirectional else 1)
+    model = nn.Sequential(rnn, ReduceTuple(0), nn.Flatten(), nn.Linear(out, 3)).to(D)
+    return model, rnn, torch.randn(n, steps, 3, dtype=D), torch.randint(0, 3, (n,))
+
+
+@pytest.mark.parametrize("name", RNNS)
+def test_rnn_weights_are_linears_shared_over_time(name):
+    """One step, one sample: ``[G, A]`` (input weights) and the biases' ``[G]`` are exact GGN
+    blocks (``h_0 = 0`` leaves ``weight_hh`` without curvature). KFRA equals KFLR at batch size
+    one over several steps; KFAC has the same layout."""
+    model, rnn, x, y = _rnn_problem(name, n=1, steps=1)
+    lossfunc = nn.CrossEntropyLoss()
+    _run(model, lossfunc, x, y, KFLR())
+    for key, p in rnn.named_parameters():
+        block = ggn_block(model, lossfunc, x, y, f"0.{key}")
+        torch.testing.assert_close(kfacs_to_mat(p.kflr), block)
+    model, rnn, x, y = _rnn_problem(name, n=1, steps=3)
+    _run(model, lossfunc, x, y, KFLR(), KFRA(), KFAC())
+    for p in rnn.parameters():
+        assert len(p.kfac) == len(p.kflr) == len(p.kfra)
+        for a, b in zip(p.kfra, p.kflr):
+            torch.testing.assert_close(a, b)

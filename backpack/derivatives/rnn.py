@@ -221,6 +221,18 @@ class RecurrentRule(Rule):
             return b.sum((1, 2) if sum_batch else 2)
         return torch.einsum("vnto,nti->voi" if sum_batch else "vnto,nti->vnoi", b, a)
 
+    def kron_factors(
+        self, module: nn.RNNBase, io: IO, mat: Tensor, name: str
+    ) -> list[tuple[Tensor, Tensor]] | None:
+        """A weight is a Linear shared over the time steps: one Kronecker block ``(a [1, n, 1,
+        i, t], b [v, n, 1, o, t])``, ``a`` its input at each step (``x_t``, ``h_{t-1}``, the
+        LSTM's cell output for ``weight_hr``), ``b`` the recomputed deltas of ``mat`` at its
+        pre-activation; biases: None (their exact block ``[G]``)."""
+        b, a = self._backprop(module, io, mat)[0][name]
+        if a is None:
+            return None
+        return [(a.transpose(1, 2)[None, :, None], b.transpose(2, 3)[:, :, None])]
+
     def _axes(self, module: nn.RNNBase, io: IO) -> tuple[list[int], list[int]]:
         """Batch axis of each input (sequence, states) and each output (sequence, states)."""
         ax = self.batch_axis(module)

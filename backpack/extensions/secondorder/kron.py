@@ -241,7 +241,8 @@ class KroneckerExtension(SecondOrderExtension):
                 f"{type(self).__name__}: no Kronecker factorisation for {call.module} (parameters "
                 f"{[n for n, _ in params]}): Kronecker factors exist for weights acting as a "
                 "matrix on the input (Linear, ConvNd, ConvTransposeNd, MultiheadAttention, "
-                "Embedding, EmbeddingBag, PositionalEmbedding) and for normalisation layers. "
+                "Embedding, EmbeddingBag, PositionalEmbedding, RNN/LSTM/GRU) and for "
+                "normalisation layers. "
                 "Freeze these parameters (requires_grad=False) or use a diagonal extension "
                 "(DiagGGNExact) for them."
             )
