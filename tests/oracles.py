@@ -147,3 +147,20 @@ def assert_first_order_and_diagonals(params: dict, grads: dict, ggn: dict, hess:
         torch.testing.assert_close(p.diag_h, hess[key].sum(0))
         torch.testing.assert_close(p.diag_h_batch, hess[key])
         assert p.diag_ggn_mc.shape == p.shape
+
+
+def flat_factors(factors: list) -> list[Tensor]:
+    """Kronecker factors ``[G, A]``, ``[G]`` or a list of such pairs, as one flat list."""
+    return [t for f in factors for t in ([f] if isinstance(f, Tensor) else flat_factors(f))]
+
+
+def assert_kfra_exact_at_batch_one(params: dict, n: int) -> None:
+    """KFRA against KFLR on ``params``: equal at batch size ``n = 1`` (the batch-averaged dense
+    recursion is exact there), else symmetric positive semi-definite factors."""
+    for key, p in params.items():
+        for kfra, kflr in zip(flat_factors(p.kfra), flat_factors(p.kflr), strict=True):
+            if n == 1:
+                torch.testing.assert_close(kfra, kflr, msg=key)
+            else:
+                torch.testing.assert_close(kfra, kfra.T, msg=key)
+                assert torch.linalg.eigvalsh(kfra).min() >= -1e-10 * kfra.abs().max(), key

@@ -28,6 +28,7 @@ from backpack.extensions import (
 from tests.models import MODELS, make
 from tests.oracles import (
     assert_first_order_and_diagonals,
+    assert_kfra_exact_at_batch_one,
     ggn_block,
     ggn_diag,
     hessian_block,
@@ -36,9 +37,9 @@ from tests.oracles import (
 )
 
 
-def _run(name: str, exts: list):
+def _run(name: str, exts: list, n: int = 3):
     model, x = make(name)
-    lossfunc, y = nn.CrossEntropyLoss(), torch.tensor([0, 2, 1])
+    lossfunc, y, x = nn.CrossEntropyLoss(), torch.tensor([0, 2, 1])[:n], x[:n]
     converted = extend(model, use_converter=True)
     with backpack(*exts):
         extend(lossfunc)(converted(x), y).backward()
@@ -87,7 +88,7 @@ def test_sqrt_ggn_and_products_match_dense_blocks(name):
 @pytest.mark.parametrize("name", MODELS)
 def test_kronecker_factors_on_every_parameter(name):
     """KFAC and KFLR: square factors whose sizes multiply to the parameter's; KFLR's single
-    factors (biases, BatchNorm) are exact GGN blocks. KFRA raises where the graph branches."""
+    factors (biases, BatchNorm) are exact GGN blocks."""
     model, converted, lossfunc, x, y = _run(name, [KFAC(), KFLR()])
     for key, p in converted.named_parameters():
         for factors in (p.kfac, p.kflr):
@@ -95,13 +96,15 @@ def test_kronecker_factors_on_every_parameter(name):
             assert torch.Size([f.shape[0] for f in factors]).numel() == p.numel()
         if len(p.kflr) == 1:
             torch.testing.assert_close(p.kflr[0], ggn_block(model, lossfunc, x, y, key))
-    if name != "lstm":
-        with pytest.raises(NotImplementedError, match="KFRA: the network branches"):
-            _run(name, [KFRA()])
-        return
-    _, converted, *_ = _run(name, [KFRA()])
-    for p in converted.parameters():
-        assert torch.Size([f.shape[0] for f in p.kfra]).numel() == p.numel()
+
+
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("name", MODELS)
+def test_kfra_through_branches(name, n):
+    """Residual sums and skip concatenations: KFRA's cross blocks between the paths make it
+    equal KFLR at batch size one; symmetric PSD factors at batch size three."""
+    _, converted, *_ = _run(name, [KFLR(), KFRA()], n)
+    assert_kfra_exact_at_batch_one(dict(converted.named_parameters()), n)
 
 
 class _Functional(nn.Module):

@@ -198,15 +198,12 @@ class _Encoder(nn.Module):
 
 def test_encoder_layer():
     """Shapes, symmetry, PSD in a converted encoder layer (LayerNorms frozen: no Kronecker
-    structure); the out_proj bias's ``[G]`` is its exact GGN block; KFRA refuses the residual
-    branches."""
+    structure); the out_proj bias's ``[G]`` is its exact GGN block."""
     L = 3
     torch.manual_seed(0)
     model, (x, y) = _Encoder(L).to(D).eval(), _data(4, L)
     for norm in (model.layer.norm1, model.layer.norm2):
         norm.requires_grad_(False)
-    with pytest.raises(NotImplementedError, match="KFRA: the network branches"):
-        _run(model, x, y, KFRA())  # the residual connections
     lossfunc = _run(model, x, y, KFLR(), KFAC(mc_samples=2))
     mha = model.layer.self_attn
     for field in FIELDS[:2]:

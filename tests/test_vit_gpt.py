@@ -37,6 +37,7 @@ from tests.cases import LayerCase, problems
 from tests.models import GPT, ViT
 from tests.oracles import (
     assert_first_order_and_diagonals,
+    assert_kfra_exact_at_batch_one,
     ggn_block,
     ggn_diag,
     hessian_block,
@@ -48,22 +49,22 @@ D, N = torch.float64, 3
 MODELS = ["vit", "gpt"]
 
 
-def _build(name: str):
+def _build(name: str, n: int = N):
     """(model in eval mode, loss, input, target), float64, seeded; GPT: targets per position."""
     torch.manual_seed(0)
     if name == "vit":
-        model, x = ViT(), torch.randn(N, 2, 4, 4, dtype=D)
-        y = torch.randint(0, 3, (N,))
+        model, x = ViT(), torch.randn(n, 2, 4, 4, dtype=D)
+        y = torch.randint(0, 3, (n,))
     else:
-        model, x = GPT(), torch.randint(0, 7, (N, 4))
-        y = torch.randint(0, 7, (N, 4))
+        model, x = GPT(), torch.randint(0, 7, (n, 4))
+        y = torch.randint(0, 7, (n, 4))
     return model.to(D).eval(), nn.CrossEntropyLoss(), x, y
 
 
-def _run(name: str, exts: list, trainable=lambda m: True):
+def _run(name: str, exts: list, trainable=lambda m: True, n: int = N):
     """One extended backward pass through the converted model; parameters of modules for which
     ``trainable(module)`` is False are frozen."""
-    model, lossfunc, x, y = _build(name)
+    model, lossfunc, x, y = _build(name, n)
     for m in model.modules():
         if not trainable(m):
             for p in m.parameters(recurse=False):
@@ -171,7 +172,7 @@ def test_kronecker_factors_of_linear_and_conv_weights(name, approx):
 def test_kronecker_factors_on_the_whole_model(name):
     """KFAC and KFLR on every parameter: Linear, conv and attention weights ``[G, A]``,
     embeddings ``[A, G]``, LayerNorm parameters and biases ``[G]`` (KFLR: their exact GGN
-    block). KFRA raises: the residual connections branch."""
+    block)."""
     model, converted, lossfunc, x, y = _run(name, [KFAC(), KFLR()])
     for key, p in converted.named_parameters():
         for factors in (p.kfac, p.kflr):
@@ -179,8 +180,15 @@ def test_kronecker_factors_on_the_whole_model(name):
         if len(p.kflr) == 1:
             with sdpa_kernel(SDPBackend.MATH):
                 torch.testing.assert_close(p.kflr[0], ggn_block(model, lossfunc, x, y, key))
-    with pytest.raises(NotImplementedError, match="KFRA: the network branches"):
-        _run(name, [KFRA()])
+
+
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("name", MODELS)
+def test_kfra_through_residuals_and_attention(name, n):
+    """KFRA through the residual connections and the attention's shared query/key/value input:
+    equal to KFLR at batch size one, symmetric PSD at batch size three."""
+    _, converted, *_ = _run(name, [KFLR(), KFRA()], n=n)
+    assert_kfra_exact_at_batch_one(dict(converted.named_parameters()), n)
 
 
 POSITION_PROBLEMS = [

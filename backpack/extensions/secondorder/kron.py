@@ -21,7 +21,8 @@ Linear inputs with extra dims ``[N, *, i]`` (``S`` positions), ``kfac_approx``:
         position separately);
     ``"reduce"``: ``G = sum_{v,n} (sum_s b)(sum_s b)^T``, ``A = (1/N) sum_n abar abar^T`` with
         ``abar = mean_s a`` (exact where the positions are pooled before the loss).
-KFRA replaces ``sum_{v,n} b b^T`` by the backpropagated dense ``[D, D]`` block (``DenseStream``).
+KFRA replaces ``sum_{v,n} b b^T`` by the backpropagated dense ``[D, D]`` block (``DenseStream``,
+branching included).
 
 Other rules opt in with ``kron_factors(module, io, mat, name)``: the blocks ``[(a, b)]`` of a
 weight in the Linear layout (``a [1, n, 1, i, s]``, ``b [v, n, 1, o, s]`` for ``mat``), or None
@@ -45,6 +46,7 @@ meaning: every Kronecker extension raises there.
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from dataclasses import dataclass
@@ -67,10 +69,15 @@ KFAC_APPROX = ("expand", "reduce")
 
 @dataclass(frozen=True)
 class Dense:
-    """What ``DenseStream`` passes: the block ``mat`` ``[D, D]`` and the losses it comes from."""
+    """What ``DenseStream`` passes: the block ``mat`` ``[D, D]``, the losses it comes from and
+    the path (``branch``) it travels on."""
 
     origins: frozenset
     mat: Tensor
+    branch: int
+
+
+_BRANCHES = itertools.count()
 
 
 @dataclass(frozen=True)
@@ -79,26 +86,37 @@ class DenseStream:
 
     Starts at a loss as ``sum_n S_n S_n^T`` (the summed per-sample loss Hessians over the
     normaliser) and passes a module as ``(1/N) sum_n J_n^T G J_n``, for any rule with
-    ``jac_t_mat_prod``. Blocks of several losses add; blocks of one loss along several paths do
-    not (the averages drop the cross terms ``J1_n^T G J2_n``): branching raises, as in 1.7.
+    ``jac_t_mat_prod``. Blocks of several losses add.
+
+    Branching: a module with several inputs (a residual sum, ``torch.cat``, attention on
+    different tensors) sends each input its own path, and the paths meet again where one tensor
+    feeds them all. Their meeting block ``G_1 + G_2 + C + C^T`` needs the cross block ``C``
+    between the paths' activations: it starts as ``(1/N) sum_n J_1n^T G J_2n`` at the fork and
+    follows each path's steps as ``(1/N) sum_n J_n^T C`` (batch-averaged on one side at a time;
+    exact at batch size one, like the rest of the recursion). Cross blocks live in a registry
+    of the ``backpack`` block, keyed by pairs of paths.
     """
 
     def start(self, call: Call, scale: float) -> Dense:
         root = call.rule.sqrt_hessian(call.module, call.io).flatten(2)
-        return Dense(frozenset({id(call.io)}), torch.einsum("cnd,cne->de", root, root) * scale)
+        mat = torch.einsum("cnd,cne->de", root, root) * scale
+        return Dense(frozenset({id(call.io)}), mat, next(_BRANCHES))
 
     def propagate(self, call: Call, value: Dense) -> list[Dense | None]:
         """``(1/N) sum_n J_n^T G J_n`` per input: ``J^T`` on G's columns per sample, transpose,
-        again. Inputs that are one tensor (``mha(x, x, x)``) count once, with the summed ``J``."""
+        again. Inputs that are one tensor (``mha(x, x, x)``) count once, with the summed ``J``.
+        Cross blocks: with the other paths, pulled back per input; between inputs, new."""
         rule, module, g, dense = call.rule, call.module, call.grads[0], value.mat
         if getattr(rule, "couples_samples", lambda _: False)(module):
             raise NotImplementedError(
                 f"KFRA: {module} normalises with batch statistics, which couples the samples; "
                 "the batch-averaged dense block assumes independent samples. Call model.eval()."
             )
+        crosses = _crosses()
+        partners = _partners(crosses, value.branch)
         ax, n, _ = _out_layout(call)
         d = dense.shape[0]
-        totals: list = []
+        totals: dict = {}  # input i -> block; ("pair", i, j), ("other", path, i) -> crosses
         for idx in chunks(n, d * (d + call.io.input0[0].numel())):
             io = call.io
             if idx != slice(0, n):
@@ -109,24 +127,78 @@ class DenseStream:
                 res = _merge_shared(res if isinstance(res, tuple) else (res,), call.in_keys)
                 return [r if r is None else r.movedim(ax + 1, 1).flatten(2) for r in res]
 
-            lefts = jac_t(_dense_columns(call, dense, idx.stop - idx.start))
-            for i, left in enumerate(lefts):
-                block = None if left is None else _sandwich(call, left, lambda m, i=i: jac_t(m)[i])
-                if len(totals) <= i:
-                    totals.append(block)
-                elif block is not None:
-                    totals[i] = totals[i] + block
-        return [None if t is None else Dense(value.origins, t / n) for t in totals]
+            m = idx.stop - idx.start
+            lefts = jac_t(_columns(call, dense, m))
+            live = [i for i, left in enumerate(lefts) if left is not None]
+            for i in live:
+                _add(totals, i, _sandwich(call, lefts[i], lambda mat, i=i: jac_t(mat)[i]))
+                for j in live[live.index(i) + 1 :]:  # sum_n J_j^T G J_i
+                    pair = _sandwich(call, lefts[i], lambda mat, j=j: jac_t(mat)[j])
+                    _add(totals, ("pair", j, i), pair)
+            for other, cross in partners.items():  # sum_n J_i^T C
+                for i, part in enumerate(jac_t(_columns(call, cross, m))):
+                    if part is not None:
+                        _add(totals, ("other", other, i), part.sum(1).T)
+        live = sorted(k for k in totals if isinstance(k, int))
+        branch = {i: value.branch if len(live) == 1 else next(_BRANCHES) for i in live}
+        _drop(crosses, value.branch)
+        for key, block in totals.items():
+            if isinstance(key, int):
+                continue
+            if key[0] == "pair":
+                _set(crosses, branch[key[1]], branch[key[2]], block / n)
+            elif key[0] == "other" and key[2] in branch:
+                _set(crosses, branch[key[2]], key[1], block / n)
+        out: list[Dense | None] = [None] * (max(live) + 1 if live else 0)
+        for i in live:
+            out[i] = Dense(value.origins, totals[i] / n, branch[i])
+        return out
 
     @staticmethod
     def accumulate(old: Dense, new: Dense) -> Dense:
-        if old.origins & new.origins:
+        """Two paths meet at one tensor: ``G_1 + G_2 + C + C^T`` with their cross block ``C``;
+        the merged path keeps both paths' cross blocks with the others, summed."""
+        crosses = _crosses()
+        cross = crosses.get((old.branch, new.branch))
+        if cross is None and old.origins & new.origins:
             raise NotImplementedError(
-                "KFRA: the network branches (a residual connection, a tensor used by several "
-                "modules): the batch-averaged dense blocks of the paths do not add up to the "
-                "block of their sum (the cross terms between paths are lost). Use KFLR or KFAC."
+                "KFRA: two paths from one loss meet without a recorded fork (a module that "
+                "sends one loss's curvature to several inputs outside backpack's rules). Use "
+                "KFLR or KFAC."
             )
-        return Dense(old.origins | new.origins, old.mat + new.mat)
+        mat = old.mat + new.mat if cross is None else old.mat + new.mat + cross + cross.T
+        for other, block in _partners(crosses, new.branch).items():
+            if other != old.branch:
+                mine = crosses.get((old.branch, other))
+                _set(crosses, old.branch, other, block if mine is None else mine + block)
+        _drop(crosses, new.branch)
+        return Dense(old.origins | new.origins, mat, old.branch)
+
+
+def _crosses() -> dict:
+    """The cross blocks of the current ``backpack`` block: ``(path a, path b) -> [D_a, D_b]``
+    (both orientations)."""
+    from backpack._context import STATE  # it imports the extensions
+
+    return STATE.flowing.setdefault(("kfra_crosses",), {})
+
+
+def _partners(crosses: dict, branch: int) -> dict[int, Tensor]:
+    """Cross blocks ``[D_branch, D_other]`` of ``branch`` with the other paths."""
+    return {b: c for (a, b), c in crosses.items() if a == branch}
+
+
+def _set(crosses: dict, a: int, b: int, block: Tensor) -> None:
+    crosses[(a, b)], crosses[(b, a)] = block, block.T
+
+
+def _drop(crosses: dict, branch: int) -> None:
+    for key in [k for k in crosses if branch in k]:
+        del crosses[key]
+
+
+def _add(totals: dict, key: Any, block: Tensor) -> None:
+    totals[key] = block if key not in totals else totals[key] + block
 
 
 def _out_layout(call: Call) -> tuple[int, int, tuple[int, ...]]:
@@ -142,15 +214,16 @@ def _as_output(call: Call, rows: Tensor) -> Tensor:
     return rows.reshape(*rows.shape[:2], *sample).movedim(1, ax + 1)
 
 
-def _dense_columns(call: Call, dense: Tensor, m: int) -> Tensor:
-    """The columns of ``G`` ``[d, d]`` on each of ``m`` samples: ``[d, *out]``."""
-    d = dense.shape[0]
-    return _as_output(call, dense.unsqueeze(1).expand(d, m, d)).contiguous()
+def _columns(call: Call, mat: Tensor, m: int) -> Tensor:
+    """The columns of ``mat`` ``[d, k]`` on each of ``m`` samples: ``[k, *out]``."""
+    d, k = mat.shape
+    return _as_output(call, mat.T.unsqueeze(1).expand(k, m, d)).contiguous()
 
 
 def _sandwich(call: Call, left: Tensor, f: Any) -> Tensor:
-    """``sum_n F_n G F_n^T`` ``[D, D]`` from ``left = f(columns of G)`` ``[d, m, D]``, for
-    per-sample linear maps ``f: [k, *out] -> [k, m, D]`` (``G`` symmetric)."""
+    """``sum_n F_n G E_n^T`` ``[D_f, D_e]`` from ``left = e(columns of G)`` ``[d, m, D_e]``, for
+    per-sample linear maps ``e, f: [k, *out] -> [k, m, D]`` (``G`` symmetric); ``e = f``: the
+    sandwich ``sum_n F_n G F_n^T``."""
     return f(_as_output(call, left.permute(2, 1, 0))).sum(1).T
 
 
@@ -250,7 +323,7 @@ class KroneckerExtension(SecondOrderExtension):
         if kron is not None:  # KFRA: G's columns on every sample, shared by all parameters
             cols = None
             if isinstance(self.stream, DenseStream):
-                cols = _dense_columns(call, flowing, _out_layout(call)[1])
+                cols = _columns(call, flowing, _out_layout(call)[1])
             for name, param in params:
                 setattr(param, self.savefield, self._rule_factors(call, flowing, name, cols))
             return
