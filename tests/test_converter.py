@@ -14,6 +14,7 @@ from backpack.extensions import (
     KFAC,
     KFLR,
     KFRA,
+    PCHMP,
     BatchDiagGGNExact,
     BatchDiagHessian,
     BatchGrad,
@@ -72,7 +73,10 @@ def test_first_order_and_diagonals_match_oracles(name):
 
 @pytest.mark.parametrize("name", MODELS)
 def test_sqrt_ggn_and_products_match_dense_blocks(name):
-    exts = [SqrtGGNExact(), GGNMP(), HMP()]
+    """SqrtGGNExact, GGNMP, HMP against the dense blocks; PCHMP where its block has a closed
+    form: the GGN on the piecewise-linear ResNets, ``GGN + |H - GGN|_+`` (eigenvalues clipped)
+    for the LSTM's and the head's parameters (only linear layers after them)."""
+    exts = [SqrtGGNExact(), GGNMP(), HMP(), PCHMP()]
     model, converted, lossfunc, x, y = _run(name, exts)
     torch.manual_seed(1)
     for key, p in converted.named_parameters():
@@ -83,6 +87,11 @@ def test_sqrt_ggn_and_products_match_dense_blocks(name):
         torch.testing.assert_close(p.ggnmp(mat).flatten(1), (ggn @ mat.flatten(1).T).T)
         hess = hessian_block(model, lossfunc, x, y, key)
         torch.testing.assert_close(p.hmp(mat).flatten(1), (hess @ mat.flatten(1).T).T)
+        assert p.pchmp(mat).shape == mat.shape
+        if name.startswith("resnet") or key.startswith(("lstm.", "fc.")):
+            evals, evecs = torch.linalg.eigh(hess - ggn)
+            pch = ggn + (evecs * evals.clamp(min=0)) @ evecs.T
+            torch.testing.assert_close(p.pchmp(mat).flatten(1), mat.flatten(1) @ pch)
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -12,6 +12,7 @@ from backpack.custom_module.reduce_tuple import ReduceTuple
 from backpack.extensions import GGNMP, HMP, PCHMP
 from tests.cases import CHAIN_CASES, SECOND_ORDER_GAPS, problems
 from tests.oracles import ggn_block
+from tests.oracles import hessian_block as full_hessian_block
 
 # every chain (MLPs, conv nets, BatchNorm, Embedding); CE mean N=3 and MSE sum N=1, plus both
 # reductions of both losses on the two MLPs
@@ -140,19 +141,27 @@ def test_backpack_import_path():
     assert (G, H, P) == (GGNMP, HMP, PCHMP)
 
 
-def test_pchmp_raises_on_parameters_the_output_is_curved_in():
-    """An LSTM's output is curved in its weights: PCHMP would need the positive part of their
-    own (indefinite) Hessian residual, so it raises; HMP includes the residual (exactness:
-    test_converter.py, test_vit_gpt.py), and the Linear head is fine for both."""
+@pytest.mark.parametrize("modify", ["clip", "abs"])
+def test_pchmp_modifies_the_own_residual_of_parameters_the_output_is_curved_in(modify, monkeypatch):
+    """LSTM -> last step -> Linear: the LSTM weights' block is ``GGN + m(H - GGN)`` with ``m``
+    clipping (or taking the absolute value of) the eigenvalues of their own residual; over
+    ``PCHMP.DENSE_LIMIT`` entries it raises."""
     torch.manual_seed(0)
     lstm = nn.LSTM(3, 2, batch_first=True).double()
     model = nn.Sequential(lstm, ReduceTuple(0), nn.Flatten(), nn.Linear(8, 3)).double()
     x, y = torch.randn(2, 4, 3, dtype=torch.float64), torch.tensor([0, 2])
     model, lossfunc = extend(model), extend(nn.CrossEntropyLoss())
+    with backpack(PCHMP(modify=modify)):
+        lossfunc(model(x), y).backward()
+    for name, p in lstm.named_parameters():
+        ggn = ggn_block(model, lossfunc, x, y, f"0.{name}")
+        hess = full_hessian_block(model, lossfunc, x, y, f"0.{name}")
+        evals, evecs = torch.linalg.eigh(hess - ggn)
+        evals = evals.clamp(min=0) if modify == "clip" else evals.abs()
+        ref = ggn + (evecs * evals) @ evecs.T
+        mat = torch.randn(2, *p.shape, dtype=torch.float64)
+        torch.testing.assert_close(p.pchmp(mat).flatten(1), mat.flatten(1) @ ref)
+    monkeypatch.setattr(PCHMP, "DENSE_LIMIT", 10)
     with pytest.raises(NotImplementedError, match=r"PCHMP: the output of LSTM.*weight_ih_l0"):
         with backpack(PCHMP()):
             lossfunc(model(x), y).backward()
-    lstm.requires_grad_(False)
-    with backpack(PCHMP()):
-        lossfunc(model(x), y).backward()
-    assert model[3].weight.pchmp(torch.randn(1, 3, 8, dtype=torch.float64)).shape == (1, 3, 8)

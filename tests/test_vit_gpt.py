@@ -20,6 +20,7 @@ from backpack.extensions import (
     KFAC,
     KFLR,
     KFRA,
+    PCHMP,
     BatchDiagGGNExact,
     BatchDiagGGNMC,
     BatchDiagHessian,
@@ -105,7 +106,9 @@ def test_first_order_and_diagonals_match_oracles(name):
 
 @pytest.mark.parametrize("name", MODELS)
 def test_sqrt_ggn_and_products_match_dense_blocks(name):
-    exts = [SqrtGGNExact(), SqrtGGNMC(mc_samples=2), GGNMP(), HMP()]
+    """Square roots, GGNMP and HMP against the dense blocks; PCHMP (attention's own residuals
+    modified too) on every parameter, equal to the GGN block for the head."""
+    exts = [SqrtGGNExact(), SqrtGGNMC(mc_samples=2), GGNMP(), HMP(), PCHMP(modify="abs")]
     model, converted, lossfunc, x, y = _run(name, exts)
     torch.manual_seed(2)
     for key, p in converted.named_parameters():
@@ -119,6 +122,9 @@ def test_sqrt_ggn_and_products_match_dense_blocks(name):
         with sdpa_kernel(SDPBackend.MATH):
             hess = hessian_block(model, lossfunc, x, y, key)
         torch.testing.assert_close(p.hmp(mat).flatten(1), (hess @ mat.flatten(1).T).T)
+        assert p.pchmp(mat).shape == mat.shape
+        if key.startswith("head."):
+            torch.testing.assert_close(p.pchmp(mat).flatten(1), (ggn @ mat.flatten(1).T).T)
 
 
 def _linear_form(m: nn.Module) -> bool:

@@ -6,7 +6,7 @@ For a parameter ``theta`` of a module whose output curvature is ``C = sum_k sign
 residuals), of the Hessian (with the curved layers' residuals, plus ``(sum_k g_k d2out_k /
 dtheta2) mat`` where the module's output is curved in ``theta`` itself) or of the
 positive-curvature Hessian (residuals' negative parts dropped, ``'clip'``, or counted positive,
-``'abs'``; it raises where the output is curved in ``theta``).
+``'abs'``; where the output is curved in ``theta`` itself, that residual's eigenvalues alike).
 
 A closure holds the module, its detached forward record and the factors (and, for HMP on a
 module curved in its parameters, the detached output gradient), nothing else: it stays valid
@@ -199,6 +199,7 @@ class PCHMP(_CurvMatProd):
     ``|r|`` (``'abs'``)."""
 
     MODIFY = ("clip", "abs")
+    DENSE_LIMIT = 4096
 
     def __init__(self, savefield: str = "pchmp", modify: str = "clip"):
         if modify not in self.MODIFY:
@@ -206,18 +207,33 @@ class PCHMP(_CurvMatProd):
         super().__init__(savefield, residuals=True)
         self.modify_name = modify
 
-    def own(self, call: Call, io: IO, name: str) -> None:
-        """A parameter the output is curved in has an indefinite own residual whose positive
-        part needs its dense ``[P, P]`` block: raise rather than leave it out."""
+    def own(self, call: Call, io: IO, name: str) -> Callable | None:
+        """The parameter's own residual ``R`` (where the output is curved in it), modified like
+        the layers' residuals: its eigenvalues clipped at 0 or made absolute. Needs ``R``
+        densely (``P`` Hessian-vector products and a ``[P, P]`` eigendecomposition per backward
+        pass): parameters over ``DENSE_LIMIT`` entries raise."""
         own = _own_residual(call, io, name)
         param = dict(call.params())[name]
-        if own is not None and own(torch.zeros_like(param).unsqueeze(0)) is not None:
+        if own is None or own(torch.zeros_like(param).unsqueeze(0)) is None:
+            return None
+        size = param.numel()
+        if size > self.DENSE_LIMIT:
             raise NotImplementedError(
                 f"PCHMP: the output of {call.module} is curved in its parameter {name!r}; the "
-                "positive part of that parameter's own Hessian residual is not computed. Use "
-                "HMP (the full Hessian block) or GGNMP, or freeze the parameter."
+                f"positive part of its own Hessian residual needs that [{size}, {size}] block "
+                f"densely (limit {self.DENSE_LIMIT} entries). Use HMP (the full Hessian block) "
+                "or GGNMP, or freeze the parameter."
             )
-        return None
+        eye = torch.eye(size, dtype=param.dtype, device=param.device)
+        residual = own(eye.view(size, *param.shape)).reshape(size, size)
+        evals, evecs = torch.linalg.eigh((residual + residual.T) / 2)
+        evals = evals.clamp(min=0) if self.modify_name == "clip" else evals.abs()
+        block = (evecs * evals) @ evecs.T
+
+        def product(mat: Tensor) -> Tensor:
+            return (mat.flatten(1) @ block).view_as(mat)
+
+        return product
 
     def modify(self, terms: dict) -> dict:
         """Residual parts carry their sign; the loss's root is always positive."""
