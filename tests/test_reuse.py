@@ -22,6 +22,7 @@ from backpack.extensions import (
     KFAC,
     KFLR,
     KFRA,
+    PCHMP,
     BackpropExtension,
     BatchDiagGGNExact,
     BatchDiagGGNMC,
@@ -239,9 +240,12 @@ def _saved(model: nn.Module) -> io.BytesIO:
     return buffer
 
 
-def test_hessian_products_parallel_calls_exact_chained_calls_raise():
-    model, lossfunc, x, y = _problem(Siamese)
-    _run(extend(model), lossfunc, x, y, HMP())
+@pytest.mark.parametrize("model_cls", [Siamese, Twice], ids=lambda c: c.__name__)
+def test_hessian_products_of_parallel_and_chained_calls(model_cls):
+    """HMP is the Hessian block, the blocks between dependent calls (``Twice``) included;
+    PCHMP has the same shape, and equals HMP where no term is negative."""
+    model, lossfunc, x, y = _problem(model_cls)
+    _run(extend(model), lossfunc, x, y, HMP(), PCHMP(modify="abs"))
     params = {k: p.detach() for k, p in model.named_parameters()}
     for name, p in model.named_parameters():
 
@@ -251,9 +255,7 @@ def test_hessian_products_parallel_calls_exact_chained_calls_raise():
         hess = torch.func.hessian(loss)(p.detach()).reshape(p.numel(), p.numel())
         mat = torch.randn(2, *p.shape, dtype=torch.float64)
         torch.testing.assert_close(p.hmp(mat).flatten(1), mat.flatten(1) @ hess)
-    model, lossfunc, x, y = _problem(Twice)
-    with pytest.raises(NotImplementedError, match="HMP: .*called several times"):
-        _run(extend(model), lossfunc, x, y, HMP())
+        assert p.pchmp(mat).shape == mat.shape
 
 
 @pytest.mark.parametrize("model_cls", MODELS, ids=lambda c: c.__name__)

@@ -144,8 +144,8 @@ class SecondOrderExtension(BackpropExtension):
         raise NotImplementedError(
             f"{type(self).__name__}: {call.module} is called several times in one forward "
             "pass and one call's input depends on another call's output; the Hessian blocks "
-            "between such calls are supported by DiagHessian and BatchDiagHessian only. Use a "
-            "separate module per call."
+            "between such calls are supported by DiagHessian, BatchDiagHessian, HMP and PCHMP. "
+            "Use a separate module per call."
         )
 
     def finish(self, pieces: Pieces) -> None:

@@ -135,10 +135,35 @@ class _CurvMatProd(SecondOrderExtension):
         entry = (io, self.modify(terms), self.own(call, io, name))
         pieces.sums.setdefault(("calls", self.savefield, name), []).append(entry)
 
+    def add_mixed(self, call: Call, io: Any, mixed: dict, name: str, pieces: Pieces) -> None:
+        """The Hessian block between dependent calls (``backpack.extensions.reuse``): ``B +
+        B^T`` with rows ``B[p] = J^T M_c[p]`` ``[P, P]`` for the mixed derivatives ``M_c``
+        ``[P, n, *in]`` of downstream calls; GGNMP leaves it out."""
+        mats = [m for o, (_, m) in mixed.items() if o[2] == name]
+        if not mats or not self.stream.residuals:
+            return
+        rule, module = call.rule, call.module
+
+        def block() -> Tensor:
+            total = sum(
+                rule.param_jac_t_mat_prod(module, io, m, name, sum_batch=True).flatten(1)
+                for m in mats
+            )
+            return (total + total.T).detach()
+
+        pieces.add(("mixed", self.savefield, name), block)
+
     def finish_value(self, pieces: Pieces, name: str) -> Callable:
         calls = pieces.sums[("calls", self.savefield, name)]
         product = block_product(pieces.module, pieces.rule, [c[:2] for c in calls], name)
-        return _plus(product, [c[2] for c in calls])
+        mixed = pieces.sums.get(("mixed", self.savefield, name))
+        return _plus(product, [c[2] for c in calls] + [self.dense(mixed)])
+
+    def dense(self, block: Tensor | None) -> Callable | None:
+        """The product with a dense ``[P, P]`` residual block (None: none)."""
+        if block is None:
+            return None
+        return lambda mat: (mat.flatten(1) @ block).view_as(mat)
 
 
 def _plus(product: Callable, owns: list[Callable | None]) -> Callable:
@@ -225,15 +250,15 @@ class PCHMP(_CurvMatProd):
                 "or GGNMP, or freeze the parameter."
             )
         eye = torch.eye(size, dtype=param.dtype, device=param.device)
-        residual = own(eye.view(size, *param.shape)).reshape(size, size)
-        evals, evecs = torch.linalg.eigh((residual + residual.T) / 2)
+        return self.dense(own(eye.view(size, *param.shape)).reshape(size, size))
+
+    def dense(self, block: Tensor | None) -> Callable | None:
+        """A dense residual block with its eigenvalues clipped at 0 or made absolute."""
+        if block is None:
+            return None
+        evals, evecs = torch.linalg.eigh((block + block.T) / 2)
         evals = evals.clamp(min=0) if self.modify_name == "clip" else evals.abs()
-        block = (evecs * evals) @ evecs.T
-
-        def product(mat: Tensor) -> Tensor:
-            return (mat.flatten(1) @ block).view_as(mat)
-
-        return product
+        return super().dense((evecs * evals) @ evecs.T)
 
     def modify(self, terms: dict) -> dict:
         """Residual parts carry their sign; the loss's root is always positive."""
