@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 def loss_scale(lossfunc: nn.Module, out: Tensor, y: Tensor) -> float:
@@ -137,9 +138,16 @@ def assert_first_order(params: dict, grads: dict) -> None:
         torch.testing.assert_close(p.variance, g.var(0, unbiased=False))
 
 
-def assert_first_order_and_diagonals(params: dict, grads: dict, ggn: dict, hess: dict) -> None:
+def assert_first_order_and_diagonals(
+    params: dict, model: nn.Module, lossfunc: nn.Module, x: Tensor, y: Tensor
+) -> None:
     """``assert_first_order``, and (Batch)DiagGGNExact, (Batch)DiagHessian and DiagGGNMC's
-    shape against per-sample diagonals ``{name: [N, *P]}``."""
+    shape on ``params`` against the per-sample oracles of ``model`` (attention by SDPA's math
+    kernel: the fused one has no forward-mode AD)."""
+    with sdpa_kernel(SDPBackend.MATH):
+        grads = per_sample_grads(model, lossfunc, x, y)
+        ggn = ggn_diag(model, lossfunc, x, y, per_sample=True)
+        hess = hessian_diag(model, lossfunc, x, y, per_sample=True)
     assert_first_order(params, grads)
     for key, p in params.items():
         torch.testing.assert_close(p.diag_ggn_exact, ggn[key].sum(0))
