@@ -147,7 +147,9 @@ class LinearFormRule(Rule):
         """``sum_v (sum_s b_v a_v^T)^2`` ``[(n,) g, B, A]`` in batch chunks.
 
         A factor shared over ``v`` (stride 0, as the input of a conv) is not copied ``v`` times:
-        ``v`` joins the other factor's feature axis, one batched matmul per chunk.
+        per chunk of samples, one batched matmul per ``v`` on contiguous slices of the other
+        factor, squared into one accumulator (a matmul over all ``v`` at once would first
+        permute ``v`` next to the features, a copy of the whole factor).
         """
         swap = a.stride(0) != 0 and b.stride(0) == 0  # make ``a`` the shared one
         if swap:
@@ -155,14 +157,16 @@ class LinearFormRule(Rule):
         v, n, groups, dim_a, s = a.shape
         dim_b = b.shape[3]
         parts = []
-        for idx in chunks(n, v * groups * dim_a * dim_b, budget=1 << 22):
-            if a.stride(0) == 0:
-                bv = b[:, idx].permute(1, 2, 0, 3, 4).reshape(-1, groups, v * dim_b, s)
-                js = torch.einsum("ngcs,ngas->ngca", bv, a[0, idx])
-                js = js.reshape(-1, groups, v, dim_b, dim_a)
+        shared = a.stride(0) == 0
+        per_sample = (1 if shared else v) * groups * dim_a * dim_b
+        for idx in chunks(n, per_sample, budget=1 << 22):
+            if shared:
+                a_t = a[0, idx].transpose(-1, -2)
+                js = torch.matmul(b[0, idx], a_t).square_()
+                for j in range(1, v):
+                    js += torch.matmul(b[j, idx], a_t).square_()
             else:
-                js = torch.einsum("vngbs,vngas->ngvba", b[:, idx], a[:, idx])
-            js = js.square_().sum(2)
+                js = torch.einsum("vngbs,vngas->ngvba", b[:, idx], a[:, idx]).square_().sum(2)
             js = js.transpose(-1, -2) if swap else js
             parts.append(js.sum(0) if sum_batch else js)
         return sum(parts) if sum_batch else torch.cat(parts)
