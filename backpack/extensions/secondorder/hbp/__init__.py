@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from backpack.extensions.curvature import Curvature
 from backpack.extensions.secondorder.base import Stream
+from backpack.extensions.secondorder.dense import DenseStream
 from backpack.extensions.secondorder.hbp.hbp_options import (
     BackpropStrategy,
     ExpectationApproximation,
     LossHessianStrategy,
 )
-from backpack.extensions.secondorder.kron import DenseStream, KroneckerExtension
+from backpack.extensions.secondorder.kron import KroneckerExtension
 
 _SUPPORTED = {
     (LossHessianStrategy.SAMPLING, BackpropStrategy.SQRT): "KFAC",
