@@ -8,6 +8,7 @@ from torch import nn
 from torch.func import functional_call, hessian, jacrev
 
 from backpack import backpack, extend
+from backpack.custom_module.branching import SumModule
 from backpack.extensions import HBP, KFAC, KFLR, KFRA, DiagGGNExact
 from backpack.extensions.curvature import Curvature
 from backpack.extensions.secondorder.hbp.hbp_options import (
@@ -283,3 +284,32 @@ def test_hbp_presets_and_options():
             HBP(*args)
     with pytest.raises(ValueError, match="kfac_approx"):
         KFAC(kfac_approx="mean")
+
+
+class _TwoInputs(nn.Module):
+    """Two model inputs through their own Linear, summed: KFRA's paths never meet again."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.sum, self.c = nn.Linear(3, 4), nn.Linear(3, 4), SumModule(), nn.Tanh()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(self.sum(self.a(x[:, :3]), self.b(x[:, 3:])))
+
+
+def test_kfra_paths_ending_at_inputs_free_their_cross_blocks():
+    """Batch size one: KFRA = KFLR; the cross blocks of paths that end at the model's inputs
+    are dropped, so nothing accumulates over backward passes in one ``backpack`` block."""
+    from backpack._context import STATE
+
+    torch.manual_seed(0)
+    model, lossfunc = _TwoInputs().to(D), nn.MSELoss()
+    extend(model), extend(lossfunc)
+    with backpack(KFLR(), KFRA()):
+        for _ in range(3):
+            x, y = torch.randn(1, 6, dtype=D), torch.randn(1, 4, dtype=D)
+            lossfunc(model(x), y).backward()
+            assert not STATE.flowing.get(("kfra_crosses",))
+    for p in model.parameters():
+        for a, b in zip(p.kfra, p.kflr):
+            torch.testing.assert_close(a, b)

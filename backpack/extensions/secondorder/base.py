@@ -268,7 +268,8 @@ def run_streams(
                     ext.store(call, mine)
                 else:
                     ext.collect(call, pieces, mine)
-            if not any(call.in_keys):
+            if not any(call.in_keys):  # the path ends here (the model's input)
+                getattr(stream, "end", lambda _: None)(value)
                 continue
             new = stream.propagate(call, value)
             new = new if isinstance(new, list) else [new]

@@ -103,6 +103,11 @@ class DenseStream:
         return out
 
     @staticmethod
+    def end(value: Dense) -> None:
+        """A path that reaches the model's input: its cross blocks are not needed any more."""
+        _drop(_crosses(), value.branch)
+
+    @staticmethod
     def accumulate(old: Dense, new: Dense) -> Dense:
         """Two paths meet at one tensor: ``G_1 + G_2 + C + C^T`` with their cross block ``C``;
         the merged path keeps both paths' cross blocks with the others, summed."""
