@@ -14,6 +14,7 @@ from backpack.custom_module.position import PositionalEmbedding
 from backpack.custom_module.reduce_tuple import ReduceTuple
 from backpack.extensions import KFAC, KFLR, KFRA
 from backpack.utils.kroneckers import kfacs_to_mat
+from tests.cases import TimeMajor
 from tests.oracles import ggn_block
 
 D, N = torch.float64, 4
@@ -191,3 +192,18 @@ def test_rnn_weights_are_linears_shared_over_time(name):
         assert len(p.kfac) == len(p.kflr) == len(p.kfra)
         for a, b in zip(p.kfra, p.kflr):
             torch.testing.assert_close(a, b)
+
+
+def test_kfra_refuses_a_module_that_moves_the_batch_axis():
+    """``TimeMajor`` (no rule: the automatic one, which assumes the batch on axis 0) feeding a
+    time-major RNN: KFRA's per-sample columns would mix samples and steps, so it raises; KFLR
+    only needs whole-batch products and works."""
+    torch.manual_seed(0)
+    rnn = nn.RNN(3, 2)
+    model = nn.Sequential(TimeMajor(), rnn, ReduceTuple(0), TimeMajor(), nn.Flatten())
+    model = nn.Sequential(*model, nn.Linear(10, 3)).to(D)
+    x, y = torch.randn(2, 5, 3, dtype=D), torch.tensor([0, 2])
+    _run(model, nn.CrossEntropyLoss(), x, y, KFLR())
+    assert len(rnn.weight_ih_l0.kflr) == 2
+    with pytest.raises(NotImplementedError, match="KFRA: TimeMajor.*moves the batch axis"):
+        _run(model, nn.CrossEntropyLoss(), x, y, KFRA())

@@ -63,6 +63,13 @@ class DenseStream:
         crosses = _crosses()
         partners = _partners(crosses, value.branch)
         ax, n, _ = out_layout(call)
+        x = call.io.input0
+        if isinstance(x, Tensor) and x.dim() > ax and x.shape[ax] != n:
+            raise NotImplementedError(
+                f"KFRA: {module} takes {x.shape[ax]} and gives {n} entries along the batch axis "
+                f"{ax}: a module that moves the batch axis needs a rule whose batch_axis says so "
+                "(the automatic rule assumes axis 0). Use KFLR or KFAC, or register a rule."
+            )
         d = dense.shape[0]
         totals: dict = {}  # input i -> block; ("pair", i, j), ("other", path, i) -> crosses
         for idx in chunks(n, d * (d + call.io.input0[0].numel())):
