@@ -31,6 +31,12 @@ from backpack.derivatives.linear import LinearRule
 _ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask")
 _DEFAULTS = {"need_weights": True, "average_attn_weights": True}
 # projection weights -> their row blocks, by the projection's input ("o": out_proj's, the core)
+def _linear_in(name: str) -> bool:
+    """Whether the attention output is linear in parameter ``name`` (``Wv``, ``bias_v``,
+    ``out_proj``): no second derivative of its own."""
+    return name.startswith("out_proj") or name in ("v_proj_weight", "bias_v")
+
+
 _KRON_BLOCKS = {
     "in_proj_weight": "qkv",
     "q_proj_weight": "q",
@@ -305,7 +311,7 @@ class MultiheadAttentionRule(Rule):
     ) -> Tensor | None:
         """Attention is bilinear-then-softmax in ``Wq``, ``Wk``: their own second derivatives
         (exact, by torch.func); ``Y`` is linear in ``Wv``, ``bias_v`` and ``out_proj``."""
-        if name.startswith("out_proj") or name in ("v_proj_weight", "bias_v"):
+        if _linear_in(name):
             return None
         if not sum_batch and io.kwargs.get("key_padding_mask") is not None:
             io = _move_mask(io)
@@ -318,7 +324,7 @@ class MultiheadAttentionRule(Rule):
         self, module: nn.MultiheadAttention, io: IO, g: Any, name: str, mat: Tensor
     ) -> Tensor | None:
         """Nonzero for ``Wq``, ``Wk`` and their biases, as ``param_residual_diag``."""
-        if name.startswith("out_proj") or name in ("v_proj_weight", "bias_v"):
+        if _linear_in(name):
             return None
         return param_residual_mat_prod_autograd(_Explicit(module), io, g, f"mha.{name}", mat)
 

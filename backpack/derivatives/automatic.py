@@ -114,6 +114,11 @@ def _uncalled(module: Module, called: tuple[str, ...]) -> list[str]:
     ]
 
 
+def _first(g: Any) -> Tensor:
+    """The gradient of the first output (``g`` a tuple for several outputs)."""
+    return g[0] if isinstance(g, tuple) else g
+
+
 def _column(g: Any) -> Any:
     """An output gradient (a tuple for several outputs) as one column ``[1, n, *out]``."""
     return tuple(t.unsqueeze(0) for t in g) if isinstance(g, tuple) else g.unsqueeze(0)
@@ -221,7 +226,7 @@ class AutogradRule(Rule):
             per = None
         if agree(per, total):
             return per
-        n = (g[0] if isinstance(g, tuple) else g).shape[0]
+        n = _first(g).shape[0]
         split = tree_map(lambda t: split_samples(t, n), g)
         return vmap(lambda gk: param_residual_diag_autograd(module, io, gk, name))(split)
 
@@ -248,8 +253,8 @@ class AutogradRule(Rule):
     def subsample(self, module: Module, io: IO, g: Any, idx: list[int]) -> tuple[IO, Any]:
         """Every tensor (inputs, keyword arguments, outputs, output gradients) whose leading
         size is the batch size, restricted to the samples ``idx``."""
-        n = (g[0] if isinstance(g, tuple) else g).shape[0]
-        index = torch.tensor(idx, device=(g[0] if isinstance(g, tuple) else g).device)
+        first = _first(g)
+        n, index = first.shape[0], torch.tensor(idx, device=first.device)
 
         def pick(t: Any) -> Any:
             batched = isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == n
