@@ -105,20 +105,16 @@ def mixed_factors(
     ``torch.func`` (one tangent per entry ``p`` of the parameter, every sample at once); None
     where all vanish (a bias)."""
     # imported here: the autograd rules import the engine's context, which imports this
-    from backpack.derivatives.autograd import call, float_outputs, input_leaves, is_float, state_of
+    from backpack.derivatives.autograd import recorded, state_of
 
     state = state_of(module)
     theta = state.pop(name)
-    leaves, rebuild = input_leaves(io.inputs)
-    pos = [i for i, t in enumerate(leaves) if is_float(t)]
+    leaves, pos, forward = recorded(module, io)
     gs = g if isinstance(g, tuple) else (g,)
 
     def input_grads(th: Tensor) -> tuple[Tensor, ...]:
         def scalar(*xs: Tensor) -> Tensor:
-            args = list(leaves)
-            for i, x in zip(pos, xs):
-                args[i] = x
-            outs = float_outputs(call(module, {**state, name: th}, rebuild(args), io.kwargs))
+            outs = forward(xs, {**state, name: th})
             return sum((o * t).sum() for o, t in zip(outs, gs) if t is not None)
 
         return grad(scalar, argnums=tuple(range(len(pos))))(*(leaves[i] for i in pos))
