@@ -30,6 +30,8 @@ from backpack.derivatives.linear import LinearRule
 
 _ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask")
 _DEFAULTS = {"need_weights": True, "average_attn_weights": True}
+
+
 # projection weights -> their row blocks, by the projection's input ("o": out_proj's, the core)
 def _linear_in(name: str) -> bool:
     """Whether the attention output is linear in parameter ``name`` (``Wv``, ``bias_v``,

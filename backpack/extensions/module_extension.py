@@ -30,7 +30,7 @@ from torch.nn import Module
 from torch.nn.modules.loss import _Loss
 
 from backpack.extensions.base import HANDLED_TYPES, BackpropExtension, Call
-from backpack.extensions.secondorder.base import _is_coupled, _missing
+from backpack.extensions.secondorder.base import _is_coupled, _missing, send
 
 
 class ModuleExtension:
@@ -126,21 +126,18 @@ def _run_stream(call: Call, stream: Any, group: list, flowing: dict, pass_on: bo
                 )
             terms[origin] = (sign, mapped)
         new = _per_input(call, terms)
-    for in_key, part in zip(call.in_keys, new):
-        if in_key is not None and part:
-            old = flowing.get((stream, *in_key))
-            flowing[(stream, *in_key)] = part if old is None else stream.accumulate(old, part)
+    send(flowing, stream, call.in_keys, new)
 
 
-def _per_input(call: Call, terms: dict) -> list[dict]:
+def _per_input(call: Call, terms: dict) -> list[dict | None]:
     """``{origin: (sign, mats)}``, ``mats`` one matrix or a tuple (one per input, None where
-    an input is not differentiated) -> one ``{origin: (sign, mat)}`` per input."""
+    an input is not differentiated) -> one ``{origin: (sign, mat)}`` per input (None: none)."""
     outs: list[dict] = [{} for _ in call.in_keys]
     for origin, (sign, mats) in terms.items():
         for i, mat in enumerate(mats if isinstance(mats, tuple) else (mats,)):
             if mat is not None:
                 outs[i][origin] = (sign, mat)
-    return outs
+    return [out or None for out in outs]
 
 
 def _store(call: Call, ext: BackpropExtension, handler: ModuleExtension, value: Any) -> None:

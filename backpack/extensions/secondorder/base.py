@@ -275,7 +275,13 @@ def run_streams(
             new = new if isinstance(new, list) else [new]
             if pieces is not None and getattr(stream, "residuals", False):
                 start_mixed(call, pieces, new)
-        for key, value in zip(call.in_keys, new):
-            if key is not None and value is not None:
-                old = flowing.get((stream, *key))
-                flowing[(stream, *key)] = value if old is None else stream.accumulate(old, value)
+        send(flowing, stream, call.in_keys, new)
+
+
+def send(flowing: dict, stream: Any, in_keys: tuple, values: list) -> None:
+    """Hand what flows to each input (None: nothing) to the module producing it, accumulated
+    where one tensor feeds several modules."""
+    for key, value in zip(in_keys, values):
+        if key is not None and value is not None:
+            old = flowing.get((stream, *key))
+            flowing[(stream, *key)] = value if old is None else stream.accumulate(old, value)
