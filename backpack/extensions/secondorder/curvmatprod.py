@@ -238,19 +238,22 @@ class PCHMP(_CurvMatProd):
         densely (``P`` Hessian-vector products and a ``[P, P]`` eigendecomposition per backward
         pass): parameters over ``DENSE_LIMIT`` entries raise."""
         own = _own_residual(call, io, name)
-        param = dict(call.params())[name]
-        if own is None or own(torch.zeros_like(param).unsqueeze(0)) is None:
+        if own is None:
             return None
+        param = dict(call.params())[name]
         size = param.numel()
-        if size > self.DENSE_LIMIT:
+        if size <= self.DENSE_LIMIT:  # None where the output is linear in this parameter
+            eye = torch.eye(size, dtype=param.dtype, device=param.device)
+            residual = own(eye.view(size, *param.shape))
+            return None if residual is None else self.dense(residual.reshape(size, size))
+        if own(torch.zeros_like(param).unsqueeze(0)) is not None:
             raise NotImplementedError(
                 f"PCHMP: the output of {call.module} is curved in its parameter {name!r}; the "
                 f"positive part of its own Hessian residual needs that [{size}, {size}] block "
                 f"densely (limit {self.DENSE_LIMIT} entries). Use HMP (the full Hessian block) "
                 "or GGNMP, or freeze the parameter."
             )
-        eye = torch.eye(size, dtype=param.dtype, device=param.device)
-        return self.dense(own(eye.view(size, *param.shape)).reshape(size, size))
+        return None
 
     def dense(self, block: Tensor | None) -> Callable | None:
         """A dense residual block with its eigenvalues clipped at 0 or made absolute."""
