@@ -200,7 +200,7 @@ class KroneckerExtension(SecondOrderExtension):
             if self._exact_block(layout):
                 terms = pieces.terms(self._jac_t_key(name)).values()
                 cols = [(sign, v.flatten(2).flatten(0, 1)) for sign, v in terms]  # [v n, P]
-                setattr(param, self.savefield, [sum(sign * c.T @ c for sign, c in cols)])
+                setattr(param, self.savefield, [_gram(cols)])
                 continue
 
             def total(at: tuple, _: Tensor, is_a: bool, name: str = name) -> Tensor:
@@ -219,11 +219,9 @@ class KroneckerExtension(SecondOrderExtension):
             out = call.grads[0].shape[1:]
             half = bias_jac_t(call.module, flowing.reshape(-1, 1, *out))[:, 0]
             return bias_jac_t(call.module, half.T.reshape(-1, 1, *out))[:, 0].T
-        g = 0
-        for sign, mat in flowing.values():
-            col = bias_jac_t(call.module, mat).flatten(0, 1)
-            g = g + sign * col.T @ col
-        return g
+        return _gram(
+            [(sign, bias_jac_t(call.module, m).flatten(0, 1)) for sign, m in flowing.values()]
+        )
 
     def _expand_g(self, call: Call, flowing: Any) -> Tensor:
         """``sum_{v,n,s} b b^T`` ``[g, B, B]``, positions as samples."""
@@ -247,7 +245,9 @@ class KroneckerExtension(SecondOrderExtension):
         rule, module, io, mode = call.rule, call.module, call.io, self.kfac_approx
         dense, n = cols is not None, out_layout(call)[1]
         terms = [] if dense else list(flowing.values())
-        blocks = rule.kron_factors(module, io, cols if dense else terms[0][1], name)
+        # the blocks of each term's factor (KFRA: of G's columns), computed once
+        term_blocks = [(sign, rule.kron_factors(module, io, m, name)) for sign, m in terms]
+        blocks = rule.kron_factors(module, io, cols, name) if dense else term_blocks[0][1]
         if blocks is None:
 
             def exact(mat: Tensor) -> Tensor:  # [v, n, P]
@@ -256,8 +256,7 @@ class KroneckerExtension(SecondOrderExtension):
 
             if dense:
                 return [sandwich(call, exact(cols), exact) / n]
-            cols_per_term = [(sign, exact(m).flatten(0, 1)) for sign, m in terms]
-            return [sum(sign * c.T @ c for sign, c in cols_per_term)]
+            return [_gram([(sign, exact(m).flatten(0, 1)) for sign, m in terms])]
         pairs = []
         for i, (a, b) in enumerate(blocks):
             if dense:  # the whole (B s) x (B s) block, then over positions as in the mode
@@ -269,10 +268,7 @@ class KroneckerExtension(SecondOrderExtension):
                 full = (sandwich(call, f(cols), f) / n).reshape(dim_b, s, dim_b, s)
                 g = full.diagonal(dim1=1, dim2=3).sum(-1) if mode == "expand" else full.sum((1, 3))
             else:
-                g = sum(
-                    sign * _g_of(rule.kron_factors(module, io, m, name)[i][1], mode)[0]
-                    for sign, m in terms
-                )
+                g = sum(sign * _g_of(bl[i][1], mode)[0] for sign, bl in term_blocks)
             key = ("kron_A", name, i, mode)
             if key not in io.cache:
                 io.cache[key] = _a_of(a[0], mode)[0]
@@ -308,6 +304,12 @@ def _a_of(a: Tensor, mode: str) -> Tensor:
         scale /= a.shape[-1]
     flat = a.permute(1, 2, 0, 3).flatten(2)  # [g, A, n s], one copy for both operands
     return torch.bmm(flat, flat.transpose(1, 2)) * scale
+
+
+def _gram(cols: list[tuple[float, Tensor]]) -> Tensor:
+    """``sum_k sign_k C_k^T C_k`` ``[P, P]`` of signed columns ``C_k [c, P]``: the exact block
+    of a parameter whose ``C_k`` are ``J^T S_k`` (flattened over columns and samples)."""
+    return sum(sign * c.T @ c for sign, c in cols)
 
 
 def _g_of(b: Tensor, mode: str) -> Tensor:
