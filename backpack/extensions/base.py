@@ -109,6 +109,11 @@ class BackpropExtension:
         """The sample indices this extension is restricted to (None: all)."""
         return self.subsampling
 
+    @property
+    def subsampling_key(self) -> tuple[int, ...] | None:
+        """``subsampling`` as a hashable key (None: all samples)."""
+        return None if self.subsampling is None else tuple(self.subsampling)
+
     def expects_backpropagation_quantities(self) -> bool:
         """Whether the extension needs a quantity propagated backward through every layer."""
         return False

@@ -44,18 +44,16 @@ class FirstOrderExtension(BackpropExtension):
         """One call of a module called several times: add its per-sample gradients."""
         call.rule.check(call.module, call.io, self)
         io, g = call.view(self.subsampling)
-        sub = None if self.subsampling is None else tuple(self.subsampling)
         for name, _ in call.params():
             pieces.add(
-                ("batch_grad", name, sub),
+                ("batch_grad", name, self.subsampling_key),
                 lambda n=name: call.rule.batch_grad(call.module, io, g, n),
             )
 
     def finish(self, pieces: Pieces) -> None:
         """Store the quantity of the per-sample gradients summed over the calls."""
-        sub = None if self.subsampling is None else tuple(self.subsampling)
         for name, param in pieces.params:
-            grad_batch = pieces.sums.get(("batch_grad", name, sub))
+            grad_batch = pieces.sums.get(("batch_grad", name, self.subsampling_key))
             if grad_batch is not None:
                 setattr(param, self.savefield, self.from_batch_grad(grad_batch))
 

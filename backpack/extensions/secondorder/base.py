@@ -154,8 +154,7 @@ class SecondOrderExtension(BackpropExtension):
             setattr(param, self.savefield, self.finish_value(pieces, name))
 
     def _jac_t_key(self, name: str) -> tuple:
-        sub = None if self.subsampling is None else tuple(self.subsampling)
-        return ("jac_t", self.stream, name, sub)
+        return ("jac_t", self.stream, name, self.subsampling_key)
 
     def add_pieces(self, call: Call, io: Any, terms: dict, name: str, pieces: Pieces) -> None:
         """Per origin, ``V = J^T S`` ``[v, n, *P]`` (coupled origins: summed over ``n``,

@@ -35,7 +35,7 @@ class DiagHessian(SecondOrderExtension):
         g = call.view(self.subsampling)[1]
         residual = call.rule.param_residual_diag
         pieces.add(
-            ("param_residual", name, self._jac_t_key(name)[3], self.sum_batch),
+            ("param_residual", name, self.subsampling_key, self.sum_batch),
             lambda: residual(call.module, io, g, name, sum_batch=self.sum_batch),
         )
 
@@ -62,12 +62,12 @@ class DiagHessian(SecondOrderExtension):
                 total = total + 2 * torch.cat(parts, dim=-1)
             return total.reshape(shape) if self.sum_batch else total.reshape(-1, *shape)
 
-        pieces.add(("mixed", name, self._jac_t_key(name)[3], self.sum_batch), diagonal)
+        pieces.add(("mixed", name, self.subsampling_key, self.sum_batch), diagonal)
 
     def finish_value(self, pieces: Pieces, name: str) -> Tensor:
         value = super().finish_value(pieces, name)
         for kind in ("param_residual", "mixed"):
-            own = pieces.sums.get((kind, name, self._jac_t_key(name)[3], self.sum_batch))
+            own = pieces.sums.get((kind, name, self.subsampling_key, self.sum_batch))
             value = value if own is None else value + own
         return value
 
