@@ -1,4 +1,5 @@
-"""backpack.utils: parameter-vector conversion and Kronecker-factor products, against dense torch."""
+"""backpack.utils: parameter-vector conversion, Kronecker-factor products and conv patch Grams,
+against dense torch."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parameters_to_vector
 
+from backpack.utils.conv import patch_gram
 from backpack.utils.convert_parameters import parameter_list_to_vector, vector_to_parameter_list
 from backpack.utils.kroneckers import (
     apply_inv_kfac_mat_prod,
@@ -142,3 +144,34 @@ def test_vector_to_parameter_list_errors():
         vector_to_parameter_list(vec[:-1], params)
     with pytest.raises(ValueError, match="entries"):
         vector_to_parameter_list(vec.view(1, -1), params)
+
+
+PATCH_CONVS = [
+    (nn.Conv1d(2, 3, 3, padding=1), (2, 9)),
+    (
+        nn.Conv1d(4, 2, 2, stride=3, dilation=2, groups=2, padding_mode="circular", padding=2),
+        (4, 11),
+    ),
+    (nn.Conv2d(3, 4, 5), (3, 12, 12)),
+    (nn.Conv2d(4, 3, 3, padding=1), (4, 5, 5)),
+    (nn.Conv2d(2, 3, (2, 3), stride=(2, 1), dilation=(1, 2), padding="valid"), (2, 7, 9)),
+    (nn.Conv2d(4, 6, 3, groups=2, padding="same", padding_mode="reflect"), (4, 6, 5)),
+    (nn.Conv2d(2, 3, 1, stride=2), (2, 6, 6)),  # cheaper unfolded: the fallback
+    (nn.Conv3d(2, 3, 2, padding=(1, 0, 1)), (2, 3, 4, 3)),
+]
+
+
+@pytest.mark.parametrize("budget", [1 << 22, 7], ids=["whole", "position-chunks"])
+@pytest.mark.parametrize("conv,shape", PATCH_CONVS, ids=lambda c: str(c)[:50])
+def test_patch_gram(conv, shape, budget):
+    """``sum_{n,s} a a^T`` per group, ``a`` the patches, read off the module's own forward with
+    one-hot kernels (output channel ``(c, tap)`` of group ``g`` copies input ``c`` at ``tap``)."""
+    torch.manual_seed(0)
+    conv = conv.double()
+    x = torch.randn(3, *shape, dtype=torch.float64)
+    groups, cg, taps = conv.groups, conv.in_channels // conv.groups, conv.weight[0, 0].numel()
+    eye = torch.eye(cg * taps, dtype=x.dtype).reshape(cg * taps, cg, *conv.kernel_size)
+    patches = conv._conv_forward(x, eye.repeat(groups, *[1] * (eye.dim() - 1)), None)
+    a = patches.reshape(3, groups, cg * taps, -1)
+    expected = torch.einsum("ngas,ngbs->gab", a, a)
+    torch.testing.assert_close(patch_gram(conv, x, budget=budget), expected)

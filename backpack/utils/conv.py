@@ -7,6 +7,7 @@ unchanged for any number of spatial dimensions.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from math import prod
 
@@ -89,6 +90,65 @@ def unfold_input(module: _ConvNd, x: Tensor) -> Tensor:
     """Patches of a ConvNd's input, padding mode included: ``[n, c_in * prod(k), prod(out)]``."""
     x, pairs = pad_input(module, x)
     return unfold(x, module.kernel_size, module.stride, module.dilation, pairs)
+
+
+def patch_gram(module: _ConvNd, x: Tensor, budget: int = 1 << 22) -> Tensor:
+    """``sum_{n,s} a a^T`` ``[g, A, A]`` of a ConvNd's patches ``a [n, g, A, s]`` (``A = i/g *
+    prod(k)``, ordered like ``unfold_input``), without unfolding when that is cheaper.
+
+    Two kernel taps ``t, t'`` read flat positions ``p`` and ``p + d`` of the padded input,
+    ``d = off(t') - off(t)``, so block ``(t, t')`` is ``sum_s M_d[base(s) + off(t)]`` with
+    ``M_d[p] = sum_n x[n, :, p] x[n, :, p + d]^T``: one batched product per distinct offset
+    ``d >= 0`` over all positions (``d < 0``: the transposed block), then the window sums. This
+    costs ``#d P`` instead of ``prod(k)^2 S`` (``P`` padded input, ``S`` output positions)
+    products of channel pairs; position chunks keep ``M_d`` within ``budget`` elements.
+    """
+    groups, ks = module.groups, module.kernel_size
+    xp, pairs = pad_input(module, x)
+    if any(p != 0 for pair in pairs for p in pair):
+        xp = F.pad(xp, pad_arg(pairs))
+    n, c, size = xp.shape[0], xp.shape[1], xp.shape[2:]
+    flat = [prod(size[i + 1 :]) for i in range(len(size))]  # flat stride per spatial dim
+    out = [
+        (m - d * (k - 1) - 1) // s + 1
+        for m, k, s, d in zip(size, ks, module.stride, module.dilation)
+    ]
+    taps = torch.tensor(
+        [
+            sum(d * t * f for t, d, f in zip(tap, module.dilation, flat))
+            for tap in itertools.product(*map(range, ks))
+        ]
+    )
+    base = torch.tensor(
+        [
+            sum(s * o * f for o, s, f in zip(pos, module.stride, flat))
+            for pos in itertools.product(*map(range, out))
+        ]
+    )
+    offsets = taps[None, :] - taps[:, None]  # d of tap pair (t, t')
+    distinct = offsets.unique()
+    positions, num_taps = prod(size), len(taps)
+    if (distinct >= 0).sum() * positions > num_taps**2 * len(base) / 2:
+        a = unfold_input(module, x)
+        a = a.reshape(n, groups, -1, a.shape[-1]).permute(1, 2, 0, 3).flatten(2)  # [g, A, n s]
+        return torch.bmm(a, a.transpose(1, 2))
+    cg = c // groups
+    xs = xp.reshape(n, groups, cg, positions).permute(3, 1, 2, 0).contiguous()  # [P, g, cg, n]
+    blocks = x.new_empty(num_taps, num_taps, groups, cg, cg)
+    step = max(1, budget // (groups * cg * cg))
+    for d in distinct[distinct >= 0].tolist():
+        t, t2 = (offsets == d).nonzero(as_tuple=True)
+        where = taps[t][:, None] + base[None, :]  # [pairs, S]: the positions each pair sums
+        select = x.new_zeros(len(t), positions - d).scatter_(1, where.to(x.device), 1.0)
+        sums = 0
+        for i in range(0, positions - d, step):
+            j = min(i + step, positions - d)
+            m_d = torch.matmul(xs[i:j], xs[i + d : j + d].transpose(-1, -2))  # [p, g, cg, cg]
+            sums = sums + select[:, i:j] @ m_d.flatten(1)
+        sums = sums.view(len(t), groups, cg, cg)
+        blocks[t, t2] = sums
+        blocks[t2, t] = sums.transpose(-1, -2)
+    return blocks.permute(2, 3, 0, 4, 1).reshape(groups, cg * num_taps, cg * num_taps)
 
 
 def pad_adjoint(module: _ConvNd, g: Tensor, size: Sequence[int]) -> Tensor:

@@ -53,7 +53,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from backpack.derivatives.conv import ConvFamilyRule
+from backpack.derivatives.conv import ConvFamilyRule, ConvRule
 from backpack.derivatives.conv_transpose import ConvTransposeRule, _full_size_gap
 from backpack.derivatives.linear_form import LinearFormRule
 from backpack.extensions.base import Call
@@ -66,7 +66,7 @@ from backpack.extensions.secondorder.dense import (
     out_layout,
     sandwich,
 )
-from backpack.utils.conv import get_conv_transpose_function
+from backpack.utils.conv import get_conv_transpose_function, patch_gram
 
 KFAC_APPROX = ("expand", "reduce")
 
@@ -285,12 +285,15 @@ def _a(call: Call, mode: str) -> Tensor:
     """``A`` ``[g, A, A]`` of the input-side patches, shared by all Kronecker extensions."""
     key = ("kron_A", mode)
     if key not in call.io.cache:
-        g = call.grads[0]
-        if isinstance(call.rule, ConvTransposeRule):
-            a = transposed_patches(call.module, call.io.input0, g.shape[2:])
+        module, x = call.module, call.io.input0
+        if isinstance(call.rule, ConvRule):
+            call.io.cache[key] = patch_gram(module, x) / x.shape[0]
         else:
-            a = call.rule.factors(call.module, call.io, g.unsqueeze(0))[0][0]
-        call.io.cache[key] = _a_of(a, mode)
+            if isinstance(call.rule, ConvTransposeRule):
+                a = transposed_patches(module, x, call.grads[0].shape[2:])
+            else:
+                a = call.rule.factors(module, call.io, call.grads[0].unsqueeze(0))[0][0]
+            call.io.cache[key] = _a_of(a, mode)
     return call.io.cache[key]
 
 
