@@ -134,3 +134,47 @@ def test_ggn_equals_hessian_on_piecewise_linear_nets_with_mse_ce(problem):
     for p in model.parameters():
         torch.testing.assert_close(p.diag_h, p.diag_ggn_exact)
         torch.testing.assert_close(p.diag_h_batch, p.diag_ggn_exact_batch)
+
+
+def test_activations_overwrite_the_factor_a_rule_just_made(monkeypatch):
+    """A ReLU overwrites the fresh factor the layer after it produced (no new memory for the
+    largest columns); where one factor reaches two modules (a sum of branches) it is copied.
+    Both give the diagonals of the plain products."""
+    from backpack.custom_module.branching import SumModule
+    from backpack.derivatives.elementwise import ElementwiseRule
+
+    class Branches(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.relu1, self.relu2 = (
+                torch.nn.Linear(4, 5),
+                torch.nn.ReLU(),
+                torch.nn.ReLU(),
+            )
+            self.add, self.head = (
+                SumModule(),
+                torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Linear(5, 3)),
+            )
+
+        def forward(self, x):
+            h = self.lin(x)
+            return self.head(self.add(self.relu1(h), self.relu2(h)))
+
+    def diagonals():
+        torch.manual_seed(0)
+        model, lossfunc = extend(Branches().double()), extend(torch.nn.CrossEntropyLoss())
+        x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+        with backpack(DiagGGNExact(), DiagHessian()):
+            lossfunc(model(x), y).backward()
+        return [(p.diag_ggn_exact, p.diag_h) for p in model.parameters()]
+
+    calls = []
+    inplace = ElementwiseRule.jac_t_mat_prod_
+    monkeypatch.setattr(
+        ElementwiseRule, "jac_t_mat_prod_", lambda *a: calls.append(1) or inplace(*a)
+    )
+    overwritten = diagonals()
+    assert len(calls) == 2  # the head's ReLU, for each stream; the branches' ReLUs share theirs
+    monkeypatch.setattr(ElementwiseRule, "jac_t_mat_prod_", None)
+    for mine, plain in zip(overwritten, diagonals()):
+        torch.testing.assert_close(mine, plain)

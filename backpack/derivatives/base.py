@@ -80,8 +80,14 @@ class Rule:
     def check(self, module: Module, io: IO, extension: Any) -> None:
         """Raise a clear error if ``extension`` is undefined for this module's configuration."""
 
+    # whether jac_t_mat_prod returns new tensors that nothing else references: then a stream
+    # may hand them to jac_t_mat_prod_, which overwrites its argument
+    fresh_jac_t = False
+
     def jac_t_mat_prod(self, module: Module, io: IO, mat: Tensor) -> Tensor:
         raise NotImplementedError(f"{type(self).__name__} has no jac_t_mat_prod")
+
+    jac_t_mat_prod_: Any = None  # optional: jac_t_mat_prod computed in the memory of ``mat``
 
     def jac_mat_prod(self, module: Module, io: IO, mat: Tensor) -> Tensor:
         raise NotImplementedError(f"{type(self).__name__} has no jac_mat_prod")

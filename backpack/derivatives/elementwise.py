@@ -31,6 +31,7 @@ class ElementwiseRule(Rule):
 
     needs_output = False  # rows reading the output set it to True
     inplace_ok = True  # whether f' and f'' can be read from the overwritten input
+    fresh_jac_t = True
 
     def check(self, module: Module, io: IO, extension: object) -> None:
         if getattr(module, "inplace", False) and not self.inplace_ok:
@@ -55,6 +56,10 @@ class ElementwiseRule(Rule):
     def jac_t_mat_prod(self, module: Module, io: IO, mat: Tensor) -> Tensor:
         """``[v, n, *out] -> [v, n, *in]``: ``f'(x) * mat``."""
         return self._df(module, io) * mat
+
+    def jac_t_mat_prod_(self, module: Module, io: IO, mat: Tensor) -> Tensor:
+        """``jac_t_mat_prod`` written into ``mat`` (no new memory for the largest columns)."""
+        return mat.mul_(self._df(module, io))
 
     def jac_mat_prod(self, module: Module, io: IO, mat: Tensor) -> Tensor:
         """``[v, n, *in] -> [v, n, *out]``: ``f'(x) * mat``."""

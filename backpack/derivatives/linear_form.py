@@ -22,6 +22,7 @@ class LinearFormRule(Rule):
     """Rule for layers whose weight acts as a (grouped) matrix on patches of the input."""
 
     needs_output = False
+    fresh_jac_t = True
 
     def factors(self, module: Module, io: IO, mat: Tensor) -> tuple[Tensor, Tensor]:
         """``(a [v|1, n, g, A, s], b [v|1, n, g, B, s])`` with weight vjp ``sum_s b a^T``."""

@@ -42,6 +42,7 @@ class MaxPoolRule(Rule):
     """``MaxPoolNd`` and ``AdaptiveMaxPoolNd``: ``out = x[idx]`` per sample and channel."""
 
     needs_output = False
+    fresh_jac_t = True
 
     def on_forward(self, module: Module, io: IO, output: Tensor) -> None:
         """Keep the argmax autograd saved (2d/3d and adaptive 2d pooling save it)."""

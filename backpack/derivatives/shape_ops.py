@@ -19,6 +19,7 @@ class LinearOpRule(Rule):
     """``out = A(x)`` for a linear map ``A`` acting on each sample alike; its Hessian is zero."""
 
     needs_output = False
+    fresh_jac_t = True
 
     def op(self, module: Module, x: Tensor) -> Tensor:
         """``A(x)`` on a batch; the module's forward (without hooks) unless overridden."""

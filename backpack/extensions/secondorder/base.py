@@ -76,7 +76,7 @@ class Stream:
         for o, (s, m) in terms.items():
             if couples and not _is_coupled(o):
                 o, m = _couple(o, m)
-            put(o, s, call.rule.jac_t_mat_prod(call.module, call.io, m))
+            put(o, s, _jac_t(call, m))
         tag = getattr(call.rule, "closes_tag", None)
         if tag and all(isinstance(o, tuple) and o[0] == tag for o in outs[0]):
             return [{o[1]: t for o, t in outs[0].items()}]  # the loss already holds this residual
@@ -95,6 +95,28 @@ class Stream:
             key, m = _couple(o, m)
             merged[key] = (s, merged[key][1] + m)
         return merged
+
+
+_OWNER = "_backpack_owner"  # tensor attribute: the key of the tensor it is the factor for
+
+
+def _jac_t(call: Call, mat: Tensor) -> Any:
+    """``J^T mat`` to each input. A rule's fresh result is tagged with the input it flows to;
+    reaching that tensor's module untouched (no extension saw it: it has no parameters),
+    it is overwritten where the rule can."""
+    rule, module, io = call.rule, call.module, call.io
+    mine = getattr(mat, _OWNER, None) == call.out_key
+    if mine and rule.jac_t_mat_prod_ and not call.params():
+        return rule.jac_t_mat_prod_(module, io, mat)
+    out = rule.jac_t_mat_prod(module, io, mat)
+    if rule.fresh_jac_t:
+        outs = out if isinstance(out, tuple) else (out,)
+        ptrs = [t.untyped_storage().data_ptr() for t in (mat, *outs) if t is not None]
+        for t, key in zip(outs, call.in_keys):
+            fresh = t is not None and ptrs.count(t.untyped_storage().data_ptr()) == 1
+            if fresh and t.is_contiguous():  # not a view of mat or of another input's factor
+                setattr(t, _OWNER, key)
+    return out
 
 
 class SecondOrderExtension(BackpropExtension):
