@@ -141,7 +141,7 @@ def test_activations_overwrite_the_factor_a_rule_just_made(monkeypatch):
     largest columns); where one factor reaches two modules (a sum of branches) it is copied.
     Both give the diagonals of the plain products."""
     from backpack.custom_module.branching import SumModule
-    from backpack.derivatives.elementwise import ElementwiseRule
+    from backpack.derivatives.elementwise import ReLURule
 
     class Branches(torch.nn.Module):
         def __init__(self):
@@ -169,12 +169,10 @@ def test_activations_overwrite_the_factor_a_rule_just_made(monkeypatch):
         return [(p.diag_ggn_exact, p.diag_h) for p in model.parameters()]
 
     calls = []
-    inplace = ElementwiseRule.jac_t_mat_prod_
-    monkeypatch.setattr(
-        ElementwiseRule, "jac_t_mat_prod_", lambda *a: calls.append(1) or inplace(*a)
-    )
+    inplace = ReLURule.jac_t_mat_prod_
+    monkeypatch.setattr(ReLURule, "jac_t_mat_prod_", lambda *a: calls.append(1) or inplace(*a))
     overwritten = diagonals()
     assert len(calls) == 2  # the head's ReLU, for each stream; the branches' ReLUs share theirs
-    monkeypatch.setattr(ElementwiseRule, "jac_t_mat_prod_", None)
+    monkeypatch.setattr(ReLURule, "jac_t_mat_prod_", None)
     for mine, plain in zip(overwritten, diagonals()):
         torch.testing.assert_close(mine, plain)

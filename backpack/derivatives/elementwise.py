@@ -128,9 +128,25 @@ def _dropout_df(m: nn.Dropout, x: Tensor, y: Tensor) -> Tensor | float:
     return (y != 0).to(y.dtype) * scale
 
 
+@register(nn.ReLU)
+class ReLURule(ElementwiseRule):
+    """``f' = [x > 0]`` (the sign of ``x`` is that of ``y``: in place too). The products keep
+    ``mat`` where ``x > 0`` in one pass (autograd's own ReLU backward), without a mask."""
+
+    def df(self, module: Module, x: Tensor, y: None) -> Tensor:
+        return (x > 0).to(x.dtype)
+
+    def jac_t_mat_prod(self, module: Module, io: IO, mat: Tensor) -> Tensor:
+        return torch.ops.aten.threshold_backward(mat, io.inputs[0], 0)
+
+    jac_mat_prod = jac_t_mat_prod
+
+    def jac_t_mat_prod_(self, module: Module, io: IO, mat: Tensor) -> Tensor:
+        return torch.ops.aten.threshold_backward.grad_input(mat, io.inputs[0], 0, grad_input=mat)
+
+
 # the rows: module types, f', f'' (omitted: piecewise linear), whether they read the output
 _row((nn.Identity,), lambda m, x, y: 1.0)
-_row((nn.ReLU,), lambda m, x, y: (x > 0).to(x.dtype))  # sign of x = sign of y (in place)
 _row((nn.LeakyReLU,), _leaky_df)
 _row((nn.Hardtanh, nn.ReLU6), lambda m, x, y: ((x > m.min_val) & (x < m.max_val)).to(x.dtype))
 _row((nn.Sigmoid,), lambda m, x, y: y * (1 - y), lambda m, x, y: y * (1 - y) * (1 - 2 * y), True)
