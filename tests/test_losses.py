@@ -143,6 +143,31 @@ def test_sqrt_hessian_exact(problem, reduction):
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_sqrt_hessian_lean(problem, reduction):
+    """The lean root has the same outer product; cross-entropy (and NLL) need one column
+    fewer per position (their Hessian's rank), the others as many as the exact root."""
+    module, rule, io, hess = _setup(problem, reduction)
+    S, lean = rule.sqrt_hessian(module, io), rule.sqrt_hessian_lean(module, io)
+    assert lean.shape[1:] == S.shape[1:]
+    classes = io.inputs[0].shape[1]
+    fewer = isinstance(module, (nn.CrossEntropyLoss, nn.NLLLoss))
+    assert lean.shape[0] == (S.shape[0] // classes * (classes - 1) if fewer else S.shape[0])
+    torch.testing.assert_close(_blocks(lean), hess, atol=1e-12, rtol=1e-10)
+
+
+def test_cross_entropy_lean_root_when_one_class_dominates():
+    """``p_r`` is the least likely class, so the reflection stays well-conditioned as any
+    class's probability tends to 1 (and with probabilities that underflow to 0)."""
+    module = nn.CrossEntropyLoss()
+    out = torch.tensor([[40.0, 0.0, -800.0], [0.0, 1e-9, 0.0]], dtype=torch.float64)
+    io = IO((out, torch.tensor([0, 2])), None)
+    rule = rule_for(module)
+    lean = rule.sqrt_hessian_lean(module, io)
+    assert lean.shape == (2, 2, 3) and lean.isfinite().all()
+    torch.testing.assert_close(_blocks(lean), _blocks(rule.sqrt_hessian(module, io)))
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_sqrt_hessian_sampled(problem, reduction):
     module, rule, io, hess = _setup(problem, reduction)
     m = 50_000

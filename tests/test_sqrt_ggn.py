@@ -37,7 +37,9 @@ def test_cross_entropy_columns_and_subsampling():
     lossfunc = extend(nn.CrossEntropyLoss())
     x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
     idx = [3, 0, 0]
-    with backpack(SqrtGGNExact(subsampling=idx), SqrtGGNMC(mc_samples=2, subsampling=idx)):
+    # DiagGGNExact alone would flow C - 1 columns; sharing its stream, SqrtGGNExact gets all C
+    exts = DiagGGNExact(), SqrtGGNExact(subsampling=idx), SqrtGGNMC(mc_samples=2, subsampling=idx)
+    with backpack(*exts):
         lossfunc(lin(x), y).backward()
     p = lin(x).softmax(1).detach()[idx]
     root = p.sqrt()

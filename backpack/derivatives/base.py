@@ -200,6 +200,11 @@ class LossRule(Rule):
         scaled by ``1/sqrt(m)``) whose outer product has the loss Hessian as expectation."""
         raise NotImplementedError
 
+    def sqrt_hessian_lean(self, module: Module, io: IO) -> Tensor:
+        """An exact factor with as few columns as the rule can give (same ``S S^T``; the
+        columns need not be ``sqrt_hessian``'s): what flows when no extension stores them."""
+        return self.sqrt_hessian(module, io)
+
 
 _RULES: dict[type, Rule] = {}
 

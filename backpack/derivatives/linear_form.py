@@ -148,9 +148,10 @@ class LinearFormRule(Rule):
         """``sum_v (sum_s b_v a_v^T)^2`` ``[(n,) g, B, A]`` in batch chunks.
 
         A factor shared over ``v`` (stride 0, as the input of a conv) is not copied ``v`` times:
-        per chunk of samples, one batched matmul per ``v`` on contiguous slices of the other
-        factor, squared into one accumulator (a matmul over all ``v`` at once would first
-        permute ``v`` next to the features, a copy of the whole factor).
+        per chunk of samples, one batched matmul ``a b_v^T`` per ``v`` on contiguous slices of
+        the other factor, squared into one accumulator; each product is cache-sized (a matmul
+        over all ``v`` at once would first permute ``v`` next to the features, a copy of the
+        whole factor).
         """
         swap = a.stride(0) != 0 and b.stride(0) == 0  # make ``a`` the shared one
         if swap:
@@ -160,14 +161,15 @@ class LinearFormRule(Rule):
         parts = []
         shared = a.stride(0) == 0
         per_sample = (1 if shared else v) * groups * dim_a * dim_b
-        for idx in chunks(n, per_sample, budget=1 << 22):
+        for idx in chunks(n, per_sample, budget=1 << 20):
             if shared:
-                a_t = a[0, idx].transpose(-1, -2)
-                js = torch.matmul(b[0, idx], a_t).square_()
+                a_n = a[0, idx]
+                js = torch.matmul(a_n, b[0, idx].transpose(-1, -2)).square_()
                 for j in range(1, v):
-                    js += torch.matmul(b[j, idx], a_t).square_()
+                    prod = torch.matmul(a_n, b[j, idx].transpose(-1, -2))
+                    js.addcmul_(prod, prod)
             else:
-                js = torch.einsum("vngbs,vngas->ngvba", b[:, idx], a[:, idx]).square_().sum(2)
-            js = js.transpose(-1, -2) if swap else js
+                js = torch.einsum("vngas,vngbs->ngvab", a[:, idx], b[:, idx]).square_().sum(2)
             parts.append(js.sum(0) if sum_batch else js)
-        return sum(parts) if sum_batch else torch.cat(parts)
+        out = sum(parts) if sum_batch else torch.cat(parts)
+        return out if swap else out.transpose(-1, -2)

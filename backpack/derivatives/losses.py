@@ -106,15 +106,46 @@ class CrossEntropyLossRule(_Loss):
         position ``j``) is ``sqrt(a_j/norm) sqrt(p_kj) (e_k - p_j)`` at position ``j``, zero
         elsewhere (it is the scaled gradient of ``-log p_k`` at ``j``).
         """
+        blocks, _ = self._blocks(module, io)
+        return self._place(blocks, io)
+
+    def sqrt_hessian_lean(self, module: nn.CrossEntropyLoss, io: IO) -> Tensor:
+        """``C - 1`` columns per position (the Hessian's rank) ``[(C - 1) D, n, C, *d]``.
+
+        A position's block ``M`` (above) has ``M sqrt(p) = 0``. The Householder reflection
+        ``Q = I - 2 u u^T / |u|^2``, ``u = sqrt(p) - e_r``, swaps ``sqrt(p)`` and ``e_r``, so
+        ``(M Q) e_r = 0`` and ``M Q`` without column ``r`` is a root of the same block; ``r`` is
+        the least likely class (``|u|^2 = 2 (1 - sqrt(p_r)) >= 2 - sqrt(2)``). With
+        ``M u = -M e_r``: ``M Q = M + M e_r u^T / (1 - sqrt(p_r))``.
+        """
+        blocks, root = self._blocks(module, io)
+        classes = root.shape[-1]
+        if classes < 2:
+            return self._place(blocks, io)
+        r = root.argmin(-1, keepdim=True)  # [n, D, 1]
+        u = root - nn.functional.one_hot(r[..., 0], classes).to(root.dtype)
+        col_r = blocks.gather(-1, r.unsqueeze(-2).expand(*blocks.shape[:-1], 1))
+        blocks = blocks + col_r * (u / (1 - root.gather(-1, r))).unsqueeze(-2)
+        keep = torch.arange(classes - 1, device=r.device)
+        keep = (keep + (keep >= r)).unsqueeze(-2).expand(*blocks.shape[:-1], classes - 1)
+        return self._place(blocks.gather(-1, keep), io)
+
+    def _blocks(self, module: nn.CrossEntropyLoss, io: IO) -> tuple[Tensor, Tensor]:
+        """Per sample and position the block ``sqrt(a/norm) (diag(sqrt p) - p sqrt(p)^T)``
+        ``[n, D, C (entries), C (columns)]`` and ``sqrt(p)`` ``[n, D, C]``."""
         p, factor = self._curvature(module, io)
-        n, C, d = p.shape[0], p.shape[1], p.shape[2:]
-        pj = p.reshape(n, C, -1).transpose(1, 2)  # [n, D, C]
+        pj = p.reshape(p.shape[0], p.shape[1], -1).transpose(1, 2)  # [n, D, C]
         root = pj.sqrt()
-        m = torch.diag_embed(root) - pj.unsqueeze(-1) * root.unsqueeze(-2)  # [n, D, a, k]
-        m = m * factor.reshape(n, -1, 1, 1).sqrt()
-        eye = torch.eye(pj.shape[1], dtype=p.dtype, device=p.device)
-        s = torch.einsum("njak,jl->kjnal", m, eye)
-        return s.reshape(C * pj.shape[1], n, C, *d)
+        blocks = torch.diag_embed(root) - pj.unsqueeze(-1) * root.unsqueeze(-2)
+        return blocks * factor.reshape(p.shape[0], -1, 1, 1).sqrt(), root
+
+    def _place(self, blocks: Tensor, io: IO) -> Tensor:
+        """Blocks ``[n, D, C, K]`` -> columns ``[K * D, n, C, *d]``: column ``k * D + j`` is
+        block column ``k`` of position ``j``, at position ``j`` only."""
+        n, positions, classes, k = blocks.shape
+        eye = torch.eye(positions, dtype=blocks.dtype, device=blocks.device)
+        columns = torch.einsum("njak,jl->kjnal", blocks, eye)
+        return columns.reshape(k * positions, n, classes, *self._args(io)[0].shape[2:])
 
     def sqrt_hessian_sampled(self, module: nn.CrossEntropyLoss, io: IO, mc_samples: int) -> Tensor:
         """``(p - onehot(y_hat)) sqrt(a/norm) / sqrt(m)`` ``[m, n, C, *d]``, ``y_hat ~ Cat(p)``."""

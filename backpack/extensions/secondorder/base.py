@@ -9,7 +9,7 @@ keyed by the autograd identity ``(node, output index)`` of the tensor they belon
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -53,9 +53,15 @@ class Stream:
 
     mc_samples: int | None = None
     residuals: bool = False
+    # whether an extension stores the loss's own columns (SqrtGGNExact): streams differing in
+    # this alone are one stream; it flows the rule's columns if one of its extensions stores
+    # them, else the fewest the rule can give (cross-entropy: C - 1 per position)
+    stores_columns: bool = field(default=False, compare=False)
 
-    def start(self, call: Call, scale: float) -> dict:
-        if self.mc_samples is None:
+    def start(self, call: Call, scale: float, lean: bool = False) -> dict:
+        if self.mc_samples is None and lean:
+            root = call.rule.sqrt_hessian_lean(call.module, call.io)
+        elif self.mc_samples is None:
             root = call.rule.sqrt_hessian(call.module, call.io)
         else:
             root = call.rule.sqrt_hessian_sampled(call.module, call.io, self.mc_samples)
@@ -275,7 +281,8 @@ def run_streams(
     for stream, group in groups.items():
         if call.rule.is_loss:  # the root: what flows into the loss's input
             call.rule.check(call.module, call.io, group[0])
-            new = [stream.start(call, _loss_scale(call))]
+            lean = not any(getattr(ext.stream, "stores_columns", False) for ext in group)
+            new = [stream.start(call, _loss_scale(call), lean)]
         else:
             value = flowing.pop((stream, *call.out_key), None)
             if value is None:

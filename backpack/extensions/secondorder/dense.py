@@ -45,8 +45,9 @@ class DenseStream:
     of the ``backpack`` block, keyed by pairs of paths.
     """
 
-    def start(self, call: Call, scale: float) -> Dense:
-        root = call.rule.sqrt_hessian(call.module, call.io).flatten(2)
+    def start(self, call: Call, scale: float, lean: bool = True) -> Dense:
+        """The loss Hessian ``S S^T`` ``[D, D]``: any root gives it (``lean`` is moot)."""
+        root = call.rule.sqrt_hessian_lean(call.module, call.io).flatten(2)
         mat = torch.einsum("cnd,cne->de", root, root) * scale
         return Dense(frozenset({id(call.io)}), mat, next(_BRANCHES))
 
