@@ -4,8 +4,9 @@ Every variant (plain, extended but idle, one extension each, torch.func per-samp
 runs once per repetition in a rotating order, interleaved in one process, after a warm-up; the
 table shows medians. A variant that fails prints ``n/a`` with a footnote giving the error.
 
-    python benchmarks/benchmark.py [--reps 20] [--problems mlp,3c3d-64,3c3d-128,vit,gpt]
-        [--extensions BatchGrad,Variance | all] [--threads 2]
+    python benchmarks/benchmark.py [--reps 20] [--extensions BatchGrad,Variance | all]
+        [--problems mlp,mlp-sigmoid,3c3d-64,3c3d-128,3c3d-sigmoid-128,resnet,vit,gpt]
+        [--threads 2]
 """
 
 from __future__ import annotations
@@ -65,6 +66,14 @@ DEFAULT = ["BatchGrad", "BatchL2Grad", "SumGradSquared", "Variance"]
 
 def mlp() -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(784, 64), nn.ReLU(), nn.Linear(64, 10))
+
+
+def mlp_sigmoid() -> nn.Module:
+    """784-64-64-10 with sigmoids: curved activations, for DiagHessian's residual terms."""
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(784, 64), nn.Sigmoid(), nn.Linear(64, 64), nn.Sigmoid(),
+        nn.Linear(64, 10),
+    )  # fmt: skip
 
 
 def cnn_3c3d(act: type[nn.Module] = nn.ReLU) -> nn.Module:
@@ -143,6 +152,7 @@ def tokens(length: int, vocab: int) -> Data:
 # name -> (model, data, batch size)
 PROBLEMS: dict[str, tuple[Callable[[], nn.Module], Data, int]] = {
     "mlp": (mlp, images(1, 28, 28), 128),
+    "mlp-sigmoid": (mlp_sigmoid, images(1, 28, 28), 128),
     "3c3d-64": (cnn_3c3d, images(3, 32, 32), 64),
     "3c3d-128": (cnn_3c3d, images(3, 32, 32), 128),
     "3c3d-sigmoid-128": (lambda: cnn_3c3d(nn.Sigmoid), images(3, 32, 32), 128),
