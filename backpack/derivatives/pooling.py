@@ -13,6 +13,7 @@ from torch.nn import Module
 
 from backpack.derivatives.base import IO, Rule, register
 from backpack.derivatives.shape_ops import LinearOpRule
+from backpack.utils import workspace
 
 
 @register(
@@ -74,6 +75,6 @@ class MaxPoolRule(Rule):
         dim, idx = self._indices(module, io)
         flat = idx.flatten(-dim).expand(mat.shape[0], *idx.shape[:-dim], -1)
         shape = io.inputs[0].shape
-        out = mat.new_zeros(mat.shape[0], *shape[:-dim], shape[-dim:].numel())
+        out = workspace.empty((mat.shape[0], *shape[:-dim], shape[-dim:].numel()), mat).zero_()
         out.scatter_add_(-1, flat, mat.flatten(-dim))
         return out.reshape(mat.shape[0], *shape)

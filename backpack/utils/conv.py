@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.conv import _ConvNd
 
+from backpack.utils import workspace
+
 Pairs = list[tuple[int, int]]  # (left, right) padding per spatial dim, in spatial order
 
 
@@ -82,8 +84,8 @@ def unfold(
     for i, (k, s, d) in enumerate(zip(kernel_size, stride, dilation)):
         x = x.unfold(2 + i, d * (k - 1) + 1, s)[..., ::d]  # appends a kernel axis
     n, c, positions = x.shape[0], x.shape[1], prod(x.shape[2 : 2 + dim])
-    perm = (0, 1, *range(2 + dim, 2 + 2 * dim), *range(2, 2 + dim))
-    return x.permute(perm).reshape(n, c * prod(kernel_size), positions)
+    x = x.permute(0, 1, *range(2 + dim, 2 + 2 * dim), *range(2, 2 + dim))
+    return workspace.empty(x.shape, x).copy_(x).view(n, c * prod(kernel_size), positions)
 
 
 def unfold_input(module: _ConvNd, x: Tensor) -> Tensor:

@@ -1,0 +1,117 @@
+"""backpack.utils.workspace: kept buffers are reused only once nothing uses them, stay bounded,
+and leave every extension's numbers unchanged."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from backpack import backpack, extend
+from backpack.extensions import (
+    HMP,
+    KFAC,
+    KFLR,
+    BatchGrad,
+    DiagGGNExact,
+    DiagHessian,
+    SqrtGGNExact,
+    SumGradSquared,
+)
+from backpack.utils import workspace
+
+
+@pytest.fixture
+def pooled(monkeypatch):
+    """Every CPU tensor the streams ask for goes through the pool."""
+    monkeypatch.setattr(workspace, "MIN_BYTES", 0)
+    workspace.clear()
+    yield
+    workspace.clear()
+
+
+def _ptr(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def test_a_buffer_is_reused_only_when_nothing_uses_it(pooled):
+    like = torch.zeros(1)
+    first = workspace.empty((4, 5), like)
+    view = first[1:]
+    second = workspace.empty((20,), like)  # same size, but first is alive
+    assert _ptr(second) != _ptr(first)
+    del first
+    third = workspace.empty((2, 10), like)  # the view still holds the first buffer
+    assert _ptr(third) not in {_ptr(view), _ptr(second)}
+    del view, second
+    fourth = workspace.empty((5, 4), like)
+    assert fourth.shape == (5, 4) and fourth.dtype == like.dtype
+
+
+def test_small_cuda_and_wrapped_tensors_are_plain(monkeypatch):
+    workspace.clear()
+    small = workspace.empty((3,), torch.zeros(1))
+    assert small.shape == (3,) and not workspace._BUFFERS
+    monkeypatch.setattr(workspace, "MIN_BYTES", 0)
+    wrapped = torch.func.vmap(lambda t: workspace.empty((2,), t).zero_() + t)(torch.ones(3, 1))
+    assert wrapped.shape == (3, 2) and not workspace._BUFFERS
+
+
+def test_buffers_unused_for_two_backward_passes_are_dropped(pooled):
+    """Each backward pass asks for buffers of a new size: only the last passes' are kept."""
+    x = torch.zeros(1, requires_grad=True)
+    for size in range(10, 20):
+        y = x * 1
+        y.register_hook(lambda g, size=size: g + workspace.empty((size,), g).zero_().sum())
+        y.sum().backward()
+    assert sorted(b[0].nbytes() // 4 for b in workspace._BUFFERS) == [18, 19]
+
+
+def _net() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2),
+        nn.Conv2d(3, 4, 2), nn.Sigmoid(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4, 3),
+    )  # fmt: skip
+
+
+def _run(exts, steps: int = 3) -> list[dict]:
+    torch.manual_seed(0)
+    model, lossfunc = extend(_net().double()), extend(nn.CrossEntropyLoss())
+    results = []
+    for step in range(steps):
+        x, y = torch.randn(5, 2, 8, 8, dtype=torch.float64), torch.randint(0, 3, (5,))
+        model.zero_grad()
+        with backpack(*(e() for e in exts)):
+            lossfunc(model(x), y).backward()
+        values = {}
+        for name, p in model.named_parameters():
+            for ext in exts:
+                field = ext().savefield
+                value = getattr(p, field)
+                if callable(value):
+                    value = value(torch.ones(1, *p.shape, dtype=p.dtype))
+                values[(name, field)] = value
+        results.append(values)
+    return results
+
+
+EXTS = [BatchGrad, SumGradSquared, DiagGGNExact, DiagHessian, SqrtGGNExact, KFAC, KFLR, HMP]
+
+
+def test_pooled_memory_gives_the_same_numbers_step_after_step(pooled):
+    """With every tensor pooled (kept buffers reused inside and across backward passes) all
+    extensions give what plain allocations give, and the pool stops growing."""
+    got = _run(EXTS)
+    kept = len(workspace._BUFFERS)
+    assert kept > 0
+    _run(EXTS, steps=2)
+    assert len(workspace._BUFFERS) <= kept
+    workspace.MIN_BYTES = 1 << 60  # restored by monkeypatch
+    plain = _run(EXTS)
+    for mine, ref in zip(got, plain):
+        for key, value in ref.items():
+            if isinstance(value, list):
+                for a, b in zip(mine[key], value):
+                    torch.testing.assert_close(a, b)
+            else:
+                torch.testing.assert_close(mine[key], value)
