@@ -23,8 +23,10 @@ from backpack.utils import workspace
 
 @pytest.fixture
 def pooled(monkeypatch):
-    """Every CPU tensor the streams ask for goes through the pool."""
+    """Every CPU tensor the streams ask for goes through the pool, chunked results in chunks
+    of a few entries."""
     monkeypatch.setattr(workspace, "MIN_BYTES", 0)
+    monkeypatch.setattr(workspace, "CHUNK_BYTES", 1024)
     workspace.clear()
     yield
     workspace.clear()
@@ -46,6 +48,13 @@ def test_a_buffer_is_reused_only_when_nothing_uses_it(pooled):
     del view, second
     fourth = workspace.empty((5, 4), like)
     assert fourth.shape == (5, 4) and fourth.dtype == like.dtype
+
+
+def test_chunked_writes_each_chunk_into_a_kept_buffer(pooled):
+    x = torch.randn(50, 3, 4)
+    out = workspace.chunked(lambda t: t.flip(-1).cumsum(1), x, (50, 3, 4))
+    torch.testing.assert_close(out, x.flip(-1).cumsum(1))
+    assert any(b[0].data_ptr() == _ptr(out) for b in workspace._BUFFERS)
 
 
 def test_small_cuda_and_wrapped_tensors_are_plain(monkeypatch):

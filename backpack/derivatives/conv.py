@@ -13,6 +13,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from backpack.derivatives.base import IO, register
 from backpack.derivatives.linear_form import LinearFormRule
+from backpack.utils import workspace
 from backpack.utils.conv import (
     get_conv_function,
     get_conv_transpose_function,
@@ -72,10 +73,14 @@ class ConvRule(ConvFamilyRule):
             )
         ]
         conv_t = get_conv_transpose_function(len(module.kernel_size))
-        g = conv_t(
-            m, module.weight, None, module.stride, tuple(padding), tuple(out_pad),
-            module.groups, module.dilation,
-        )  # fmt: skip
+
+        def transposed(part: Tensor) -> Tensor:
+            return conv_t(
+                part, module.weight, None, module.stride, tuple(padding), tuple(out_pad),
+                module.groups, module.dilation,
+            )  # fmt: skip
+
+        g = workspace.chunked(transposed, m, (m.shape[0], module.in_channels, *target))
         if not direct:
             g = pad_adjoint(module, g, size)
         return g.reshape(*mat.shape[:2], *g.shape[1:])

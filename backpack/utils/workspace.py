@@ -16,22 +16,28 @@ allocations (CUDA's caching allocator keeps memory itself).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 MIN_BYTES = 16 << 20
+CHUNK_BYTES = 8 << 20  # chunks of ``chunked``: below glibc's largest threshold for fresh mmaps
 _BUFFERS: list[list] = []  # [storage, backward pass that last used it]
 _PASSES: list[int] = []  # the ids of the last two backward passes that asked for memory
 _use_count = getattr(torch._C, "_storage_Use_Count", None)
 
 
+def _kept(nbytes: int, like: Tensor) -> bool:
+    """Whether a tensor of ``nbytes`` like ``like`` comes from a kept buffer."""
+    plain = type(like) is Tensor and not torch._C._functorch.is_functorch_wrapped_tensor(like)
+    return plain and like.device.type == "cpu" and nbytes >= MIN_BYTES and _use_count is not None
+
+
 def empty(shape: Sequence[int], like: Tensor) -> Tensor:
     """An uninitialised tensor of ``shape`` with ``like``'s dtype and device."""
     nbytes = math.prod(shape) * like.element_size()
-    plain = type(like) is Tensor and not torch._C._functorch.is_functorch_wrapped_tensor(like)
-    if not plain or like.device.type != "cpu" or nbytes < MIN_BYTES or _use_count is None:
+    if not _kept(nbytes, like):
         return like.new_empty(shape)
     task = torch._C._current_graph_task_id()
     if task not in _PASSES:
@@ -44,6 +50,20 @@ def empty(shape: Sequence[int], like: Tensor) -> Tensor:
         _BUFFERS.append(match)
     match[1] = task
     return like.new_empty(0).set_(match[0], 0, tuple(shape))
+
+
+def chunked(fn: Callable[[Tensor], Tensor], x: Tensor, shape: Sequence[int]) -> Tensor:
+    """``fn(x)`` of ``shape``, for ``fn`` acting on each entry of the leading axis alike (an op
+    without ``out=``, as a transposed convolution): a result that ``empty`` keeps is written
+    into its buffer chunk by chunk, each chunk's own result small enough to be reused memory."""
+    per_entry = math.prod(shape[1:]) * x.element_size()
+    if not _kept(shape[0] * per_entry, x):
+        return fn(x)
+    out = empty(shape, x)
+    step = max(1, CHUNK_BYTES // per_entry)
+    for i in range(0, shape[0], step):
+        out[i : i + step] = fn(x[i : i + step])
+    return out
 
 
 def clear() -> None:
