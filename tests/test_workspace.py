@@ -66,14 +66,26 @@ def test_small_cuda_and_wrapped_tensors_are_plain(monkeypatch):
     assert wrapped.shape == (3, 2) and not workspace._BUFFERS
 
 
-def test_buffers_unused_for_two_backward_passes_are_dropped(pooled):
-    """Each backward pass asks for buffers of a new size: only the last passes' are kept."""
+def _passes(sizes_per_pass: list[tuple[int, ...]]) -> list[int]:
+    """One backward pass per entry, asking for buffers of these sizes; the sizes kept after."""
     x = torch.zeros(1, requires_grad=True)
-    for size in range(10, 20):
+    for sizes in sizes_per_pass:
+
+        def ask(g: torch.Tensor, sizes: tuple[int, ...] = sizes) -> torch.Tensor:
+            return g + sum(workspace.empty((s,), g).zero_().sum() for s in sizes)
+
         y = x * 1
-        y.register_hook(lambda g, size=size: g + workspace.empty((size,), g).zero_().sum())
+        y.register_hook(ask)
         y.sum().backward()
-    assert sorted(b[0].nbytes() // 4 for b in workspace._BUFFERS) == [18, 19]
+    return sorted(b[0].nbytes() // 4 for b in workspace._BUFFERS)
+
+
+def test_buffers_unused_for_two_backward_passes_are_dropped(pooled):
+    """Only what the last two passes used is kept, whether or not new buffers are made."""
+    assert _passes([(size,) for size in range(10, 20)]) == [18, 19]
+    workspace.clear()
+    assert _passes([(10, 11), (11,)]) == [10, 11]
+    assert _passes([(11,)]) == [11]
 
 
 def _net() -> nn.Module:

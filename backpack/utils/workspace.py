@@ -7,10 +7,10 @@ curvature streams make tensors of ``c`` columns per sample (3C3D, DiagGGNExact: 
 first conv). ``empty`` serves those from buffers kept here, one per size, reused once no tensor
 uses them any more (the storage's use count is this module's reference alone).
 
-Bounds: a buffer unused in the last two backward passes is dropped when a new one is made, so
-what is kept is what the recent passes needed at once; ``clear()`` drops all. CUDA tensors and
-tensors under ``MIN_BYTES`` (and tensor subclasses, ``torch.func``'s wrapped tensors) are plain
-allocations (CUDA's caching allocator keeps memory itself).
+Bounds: a request drops the buffers no tensor uses that the last two backward passes did not
+use, so what is kept is what the recent passes needed at once; ``clear()`` drops all. CUDA
+tensors and tensors under ``MIN_BYTES`` (and tensor subclasses, ``torch.func``'s wrapped
+tensors) are plain allocations (CUDA's caching allocator keeps memory itself).
 """
 
 from __future__ import annotations
@@ -43,9 +43,9 @@ def empty(shape: Sequence[int], like: Tensor) -> Tensor:
     if task not in _PASSES:
         _PASSES[:] = [*_PASSES[-1:], task]
     free = [b for b in _BUFFERS if _use_count(b[0]._cdata) == 1]
-    match = next((b for b in free if b[0].nbytes() == nbytes), None)
+    _BUFFERS[:] = [b for b in _BUFFERS if b[1] in _PASSES or b not in free]
+    match = next((b for b in free if b[0].nbytes() == nbytes and b in _BUFFERS), None)
     if match is None:
-        _BUFFERS[:] = [b for b in _BUFFERS if b not in free or b[1] in _PASSES]
         match = [torch.UntypedStorage(nbytes), task]
         _BUFFERS.append(match)
     match[1] = task
