@@ -42,9 +42,9 @@ def empty(shape: Sequence[int], like: Tensor) -> Tensor:
     task = torch._C._current_graph_task_id()
     if task not in _PASSES:
         _PASSES[:] = [*_PASSES[-1:], task]
-    free = [b for b in _BUFFERS if _use_count(b[0]._cdata) == 1]
-    _BUFFERS[:] = [b for b in _BUFFERS if b[1] in _PASSES or b not in free]
-    match = next((b for b in free if b[0].nbytes() == nbytes and b in _BUFFERS), None)
+    free = {id(b) for b in _BUFFERS if _use_count(b[0]._cdata) == 1}  # no tensor uses them
+    _BUFFERS[:] = [b for b in _BUFFERS if b[1] in _PASSES or id(b) not in free]
+    match = next((b for b in _BUFFERS if id(b) in free and b[0].nbytes() == nbytes), None)
     if match is None:
         match = [torch.UntypedStorage(nbytes), task]
         _BUFFERS.append(match)
