@@ -80,11 +80,13 @@ def _passes(sizes_per_pass: list[tuple[int, ...]]) -> list[int]:
     return sorted(b[0].nbytes() // 4 for b in workspace._BUFFERS)
 
 
-def test_buffers_unused_for_two_backward_passes_are_dropped(pooled):
-    """Only what the last two passes used is kept, whether or not new buffers are made."""
-    assert _passes([(size,) for size in range(10, 20)]) == [18, 19]
+def test_buffers_the_last_passes_did_not_use_are_dropped(pooled, monkeypatch):
+    """Only what the last ``KEEP_PASSES`` passes used is kept, whether or not new buffers are
+    made."""
+    monkeypatch.setattr(workspace, "KEEP_PASSES", 3)
+    assert _passes([(size,) for size in range(10, 20)]) == [17, 18, 19]
     workspace.clear()
-    assert _passes([(10, 11), (11,)]) == [10, 11]
+    assert _passes([(10, 11), (11,), (11,)]) == [10, 11]
     assert _passes([(11,)]) == [11]
 
 

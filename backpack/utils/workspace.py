@@ -7,8 +7,9 @@ curvature streams make tensors of ``c`` columns per sample (3C3D, DiagGGNExact: 
 first conv). ``empty`` serves those from buffers kept here, one per size, reused once no tensor
 uses them any more (the storage's use count is this module's reference alone).
 
-Bounds: a request drops the buffers no tensor uses that the last two backward passes did not
-use, so what is kept is what the recent passes needed at once; ``clear()`` drops all. CUDA
+Bounds: a request drops the buffers no tensor uses that the last ``KEEP_PASSES`` backward passes
+asking for memory did not use, so what is kept is what the recent passes needed at once (several
+passes: a loop alternating extensions keeps each one's buffers); ``clear()`` drops all. CUDA
 tensors and tensors under ``MIN_BYTES`` (and tensor subclasses, ``torch.func``'s wrapped
 tensors) are plain allocations (CUDA's caching allocator keeps memory itself).
 """
@@ -24,7 +25,8 @@ from torch import Tensor
 MIN_BYTES = 16 << 20
 CHUNK_BYTES = 8 << 20  # chunks of ``chunked``: below glibc's largest threshold for fresh mmaps
 _BUFFERS: list[list] = []  # [storage, backward pass that last used it]
-_PASSES: list[int] = []  # the ids of the last two backward passes that asked for memory
+KEEP_PASSES = 8
+_PASSES: list[int] = []  # the ids of the last KEEP_PASSES backward passes that asked for memory
 _use_count = getattr(torch._C, "_storage_Use_Count", None)
 
 
@@ -41,7 +43,7 @@ def empty(shape: Sequence[int], like: Tensor) -> Tensor:
         return like.new_empty(shape)
     task = torch._C._current_graph_task_id()
     if task not in _PASSES:
-        _PASSES[:] = [*_PASSES[-1:], task]
+        _PASSES[:] = [*_PASSES[1 - KEEP_PASSES :], task]
     free = {id(b) for b in _BUFFERS if _use_count(b[0]._cdata) == 1}  # no tensor uses them
     _BUFFERS[:] = [b for b in _BUFFERS if b[1] in _PASSES or id(b) not in free]
     match = next((b for b in _BUFFERS if id(b) in free and b[0].nbytes() == nbytes), None)
