@@ -85,13 +85,22 @@ def unfold(
         x = x.unfold(2 + i, d * (k - 1) + 1, s)[..., ::d]  # appends a kernel axis
     n, c, positions = x.shape[0], x.shape[1], prod(x.shape[2 : 2 + dim])
     x = x.permute(0, 1, *range(2 + dim, 2 + 2 * dim), *range(2, 2 + dim))
-    return workspace.empty(x.shape, x).copy_(x).view(n, c * prod(kernel_size), positions)
+    if not x.is_contiguous():  # the patches are the input itself for 1x1 kernels of stride 1
+        x = workspace.empty(x.shape, x).copy_(x)
+    return x.view(n, c * prod(kernel_size), positions)
 
 
 def unfold_input(module: _ConvNd, x: Tensor) -> Tensor:
     """Patches of a ConvNd's input, padding mode included: ``[n, c_in * prod(k), prod(out)]``."""
     x, pairs = pad_input(module, x)
     return unfold(x, module.kernel_size, module.stride, module.dilation, pairs)
+
+
+def unfolded_gram(a: Tensor) -> Tensor:
+    """``sum_{n,s} a a^T`` ``[g, A, A]`` of patches ``a [n, g, A, s]``: one matmul over ``(n, s)``
+    (a single copy puts them next to each other, for both operands)."""
+    flat = a.permute(1, 2, 0, 3).flatten(2)  # [g, A, n s]
+    return torch.bmm(flat, flat.transpose(1, 2))
 
 
 def patch_gram(module: _ConvNd, x: Tensor, budget: int = 1 << 22) -> Tensor:
@@ -132,8 +141,7 @@ def patch_gram(module: _ConvNd, x: Tensor, budget: int = 1 << 22) -> Tensor:
     positions, num_taps = prod(size), len(taps)
     if (distinct >= 0).sum() * positions > num_taps**2 * len(base) / 2:
         a = unfold_input(module, x)
-        a = a.reshape(n, groups, -1, a.shape[-1]).permute(1, 2, 0, 3).flatten(2)  # [g, A, n s]
-        return torch.bmm(a, a.transpose(1, 2))
+        return unfolded_gram(a.reshape(n, groups, -1, a.shape[-1]))
     cg = c // groups
     xs = xp.reshape(n, groups, cg, positions).permute(3, 1, 2, 0).contiguous()  # [P, g, cg, n]
     blocks = x.new_empty(num_taps, num_taps, groups, cg, cg)

@@ -66,7 +66,7 @@ from backpack.extensions.secondorder.dense import (
     out_layout,
     sandwich,
 )
-from backpack.utils.conv import get_conv_transpose_function, patch_gram
+from backpack.utils.conv import get_conv_transpose_function, patch_gram, unfolded_gram
 
 KFAC_APPROX = ("expand", "reduce")
 
@@ -285,15 +285,13 @@ def _a(call: Call, mode: str) -> Tensor:
     """``A`` ``[g, A, A]`` of the input-side patches, shared by all Kronecker extensions."""
     key = ("kron_A", mode)
     if key not in call.io.cache:
-        module, x = call.module, call.io.input0
+        module, x, g = call.module, call.io.input0, call.grads[0]
         if isinstance(call.rule, ConvRule):
             call.io.cache[key] = patch_gram(module, x) / x.shape[0]
+        elif isinstance(call.rule, ConvTransposeRule):
+            call.io.cache[key] = _a_of(transposed_patches(module, x, g.shape[2:]), mode)
         else:
-            if isinstance(call.rule, ConvTransposeRule):
-                a = transposed_patches(module, x, call.grads[0].shape[2:])
-            else:
-                a = call.rule.factors(module, call.io, call.grads[0].unsqueeze(0))[0][0]
-            call.io.cache[key] = _a_of(a, mode)
+            call.io.cache[key] = _a_of(call.rule.factors(module, call.io, g[None])[0][0], mode)
     return call.io.cache[key]
 
 
@@ -305,8 +303,7 @@ def _a_of(a: Tensor, mode: str) -> Tensor:
         a = a.mean(-1, keepdim=True)
     elif mode == "expand":
         scale /= a.shape[-1]
-    flat = a.permute(1, 2, 0, 3).flatten(2)  # [g, A, n s], one copy for both operands
-    return torch.bmm(flat, flat.transpose(1, 2)) * scale
+    return unfolded_gram(a) * scale
 
 
 def _gram(cols: list[tuple[float, Tensor]]) -> Tensor:
