@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from backpack import backpack, extend
-from backpack.extensions import DiagGGNExact, SqrtGGNExact, SqrtGGNMC
+from backpack.extensions import BatchDiagGGNMC, DiagGGNExact, DiagGGNMC, SqrtGGNExact, SqrtGGNMC
 from tests.cases import CHAIN_CASES, GGN_GAPS, LAYER_CASES, problems
 from tests.oracles import ggn_block
 
@@ -59,3 +59,28 @@ def test_sqrt_ggn_mc_converges():
         flat = p.sqrt_ggn_mc.reshape(-1, p.numel())
         exact = ggn_block(model, lossfunc, x, y, name)
         torch.testing.assert_close(flat.T @ flat, exact, atol=0.05 * exact.abs().max(), rtol=0)
+
+
+def test_mc_repeated_subsampling_draws_independently():
+    """``subsampling=[0, 0, 2]``: each entry its own MC draw (1.7): the two rows of sample 0
+    differ, each converges to sample 0's GGN block, and their cross product to zero."""
+    torch.manual_seed(0)
+    model = extend(nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double())
+    lossfunc = extend(nn.CrossEntropyLoss(reduction="sum"))
+    x, y = torch.randn(3, 4, dtype=torch.float64), torch.randint(0, 3, (3,))
+    idx, m = [0, 0, 2], 20000
+    exts = SqrtGGNMC(mc_samples=m, subsampling=idx), DiagGGNMC(mc_samples=m, subsampling=idx)
+    with backpack(BatchDiagGGNMC(subsampling=idx), *exts):
+        lossfunc(model(x), y).backward()
+    for name, p in model.named_parameters():
+        v = p.sqrt_ggn_mc
+        assert v.shape == (m, 3, *p.shape) and p.diag_ggn_mc_batch.shape == (3, *p.shape)
+        assert not torch.allclose(p.diag_ggn_mc_batch[0], p.diag_ggn_mc_batch[1])
+        rows = v.flatten(2).unbind(1)  # [m, numel] per entry
+        blocks = [ggn_block(model, lossfunc, x[i : i + 1], y[i : i + 1], name) for i in idx]
+        tol = dict(atol=0.05 * blocks[0].abs().max(), rtol=0)
+        for row, block in zip(rows, blocks):
+            torch.testing.assert_close(row.T @ row, block, **tol)
+        torch.testing.assert_close(rows[0].T @ rows[1], torch.zeros_like(blocks[0]), **tol)
+        diag = sum(b.diagonal() for b in blocks).view_as(p)
+        torch.testing.assert_close(p.diag_ggn_mc, diag, atol=0.05 * diag.abs().max(), rtol=0)

@@ -9,6 +9,7 @@ keyed by the autograd identity ``(node, output index)`` of the tensor they belon
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +54,9 @@ class Stream:
 
     mc_samples: int | None = None
     residuals: bool = False
+    # MC: independent sets of ``mc_samples`` columns drawn at the loss, one per repetition of
+    # a sample in ``subsampling`` (``[0, 0]``: two), so each entry gets its own draw
+    draws: int = 1
     # whether an extension stores the loss's own columns (SqrtGGNExact): streams differing in
     # this alone are one stream; it flows the rule's columns if one of its extensions stores
     # them, else the fewest the rule can give (cross-entropy: C - 1 per position)
@@ -64,7 +68,9 @@ class Stream:
         elif self.mc_samples is None:
             root = call.rule.sqrt_hessian(call.module, call.io)
         else:
-            root = call.rule.sqrt_hessian_sampled(call.module, call.io, self.mc_samples)
+            sampled = call.rule.sqrt_hessian_sampled
+            roots = [sampled(call.module, call.io, self.mc_samples) for _ in range(self.draws)]
+            root = roots[0] if self.draws == 1 else torch.cat(roots)  # [draws * m, n, *out]
         tag = getattr(call.rule, "origin_tag", None)
         origin = (tag, id(call.io)) if tag else id(call.io)
         return {origin: (1.0, root if scale == 1.0 else root * scale**0.5)}
@@ -150,7 +156,7 @@ class SecondOrderExtension(BackpropExtension):
 
     def store(self, call: Call, flowing: Any) -> None:
         call.rule.check(call.module, call.io, self)
-        io, flowing = _subsample(call, flowing, self.subsampling)
+        io, flowing = _subsample(call, flowing, self.subsampling, self.stream)
         for name, param in call.params():
             setattr(param, self.savefield, self.param_value(call, io, flowing, name))
 
@@ -158,7 +164,7 @@ class SecondOrderExtension(BackpropExtension):
     def collect(self, call: Call, pieces: Pieces, flowing: Any) -> None:
         """Add one call's linear pieces (see ``add_pieces``, ``add_mixed``) to ``pieces``."""
         call.rule.check(call.module, call.io, self)
-        io, flowing = _subsample(call, flowing, self.subsampling)
+        io, flowing = _subsample(call, flowing, self.subsampling, self.stream)
         mixed = {o: t for o, t in flowing.items() if is_mixed(o)}
         if mixed:
             flowing = {o: t for o, t in flowing.items() if not is_mixed(o)}
@@ -222,13 +228,35 @@ def _coupled_error(ext: BackpropExtension, module: Any) -> NotImplementedError:
     )
 
 
-def _subsample(call: Call, flowing: Any, idx: list[int] | None) -> tuple[Any, Any]:
-    """Restrict record and flowing matrices ``[v, n, ...]`` to the samples ``idx``."""
+def mc_draws(mc_samples: int | None, subsampling: list[int] | None) -> int:
+    """MC streams: how often the most repeated sample occurs in ``subsampling`` (else 1)."""
+    if mc_samples is None or not subsampling:
+        return 1
+    return max(Counter(subsampling).values())
+
+
+def _subsample(call: Call, flowing: Any, idx: list[int] | None, stream: Any) -> tuple[Any, Any]:
+    """Restrict record and flowing matrices ``[v, n, ...]`` to the samples ``idx``. With
+    ``stream.draws > 1`` (MC, repeated samples) the flowing matrices hold ``draws`` sets of
+    columns ``[draws * m, n, ...]``; the ``k``-th repetition of a sample takes set ``k``."""
     if idx is None:
         return call.io, flowing
-    index = torch.tensor(idx, device=call.grads[0].device)
+    device = call.grads[0].device
     io, _ = call.rule.subsample(call.module, call.io, call.grads[0], idx)
-    return io, {o: (s, m.index_select(1, index)) for o, (s, m) in flowing.items()}
+    index = torch.tensor(idx, device=device)
+    draws = getattr(stream, "draws", 1)
+    if draws == 1:
+        return io, {o: (s, m.index_select(1, index)) for o, (s, m) in flowing.items()}
+    seen: Counter = Counter()
+    sets = []  # the repetition number of each entry
+    for i in idx:
+        sets.append(seen[i])
+        seen[i] += 1
+    sets = torch.tensor(sets, device=device)
+    return io, {
+        o: (s, m.unflatten(0, (draws, -1))[sets, :, index].movedim(0, 1))
+        for o, (s, m) in flowing.items()
+    }
 
 
 def _missing(call: Call, exts: list[BackpropExtension]) -> RuntimeError:

@@ -6,13 +6,13 @@ Hessian (exact: ``c`` columns; MC: ``mc_samples`` sampled columns scaled by ``1/
 
 from __future__ import annotations
 
-from backpack.extensions.secondorder.base import SecondOrderExtension, Stream
+from backpack.extensions.secondorder.base import SecondOrderExtension, Stream, mc_draws
 
 
 class _DiagGGN(SecondOrderExtension):
     def __init__(self, savefield: str, mc_samples: int | None, subsampling: list[int] | None):
         super().__init__(savefield, subsampling=subsampling)
-        self.stream = Stream(mc_samples)
+        self.stream = Stream(mc_samples, draws=mc_draws(mc_samples, subsampling))
 
 
 class DiagGGNExact(_DiagGGN):

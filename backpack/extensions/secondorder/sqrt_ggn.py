@@ -25,13 +25,16 @@ from backpack.extensions.secondorder.base import (
     Stream,
     _coupled_error,
     _is_coupled,
+    mc_draws,
 )
 
 
 class _SqrtGGN(SecondOrderExtension):
     def __init__(self, savefield: str, mc_samples: int | None, subsampling: list[int] | None):
         super().__init__(savefield, subsampling=subsampling)
-        self.stream = Stream(mc_samples, stores_columns=True)
+        self.stream = Stream(
+            mc_samples, draws=mc_draws(mc_samples, subsampling), stores_columns=True
+        )
 
     def param_value(self, call: Call, io, terms: dict, name: str) -> Tensor:
         """``J^T S`` ``[v, n, *P]`` per origin, concatenated; coupled origins: ``[v, m, *P]``,
