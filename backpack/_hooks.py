@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.nn import Module
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from backpack._context import STATE, debug_log, logger
+from backpack._context import STATE, bound_state, current_state, debug_log, logger
 from backpack.derivatives.base import IO, rule_for
 from backpack.extensions.base import HANDLED_TYPES, Call
 from backpack.extensions.module_extension import run_module_extensions
@@ -49,7 +49,9 @@ class _Record:
     mark (a live record of an earlier, retained graph) costs time, not correctness.
     """
 
-    __slots__ = ("module", "rule", "io", "in_keys", "out_nr", "shared", "__weakref__")
+    __slots__ = (
+        "module", "rule", "io", "in_keys", "out_nr", "shared", "state", "lowp", "__weakref__"
+    )  # fmt: skip
 
     def __init__(self, module: Module, args: tuple, kwargs: dict, output: Any, in_keys: tuple):
         self.module = module
@@ -64,11 +66,16 @@ class _Record:
         live.add(self)
         self.out_nr = output.output_nr if isinstance(output, Tensor) else 0
         self.rule = rule_for(module)  # hooked modules always have one (_wants_hook)
+        self.state = current_state()  # the backward hooks may run on another thread
         keep_out = self.rule.needs_output or type(module) in HANDLED_TYPES
+        # under autocast, what ran in low precision is kept in float32 (the parameters' dtype
+        # of a model autocast applies to) so that every product in backward has one dtype
+        self.lowp = _autocast_dtype(output)
         # detached: a hook whose closure reaches its own node through a stored tensor (the
         # output, or an input that a later in-place op ties to this call) is a leaking cycle
-        inputs = tuple(a.detach() if isinstance(a, Tensor) else _detach(a) for a in args)
-        self.io = IO(inputs, _detach(output) if keep_out else None, kwargs and _detach(kwargs))
+        inputs = tuple(_detach(a, self.lowp) for a in args)
+        out = _detach(output, self.lowp) if keep_out else None
+        self.io = IO(inputs, out, kwargs and _detach(kwargs, self.lowp))
         if isinstance(output, Tensor):
             self.rule.on_forward(module, self.io, output)
         self.in_keys = in_keys
@@ -78,10 +85,25 @@ class _Record:
         self.module.__dict__["_backpack_calls"].discard(self)
 
 
-def _detach(obj: Any) -> Any:
-    if isinstance(obj, Tensor):
-        return obj.detach()
-    return tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, obj)
+def _detach(obj: Any, lowp: torch.dtype | None = None) -> Any:
+    """``obj``'s tensors detached, those of dtype ``lowp`` (autocast's) cast to float32."""
+
+    def one(t: Any) -> Any:
+        if not isinstance(t, Tensor):
+            return t
+        return t.detach() if t.dtype != lowp else t.detach().float()
+
+    return one(obj) if isinstance(obj, Tensor) else tree_map(one, obj)
+
+
+def _autocast_dtype(output: Any) -> torch.dtype | None:
+    """The low-precision dtype of an autocast region active on ``output``'s device, or None."""
+    t = output if isinstance(output, Tensor) else None
+    if t is None:
+        t = next((x for x in tree_flatten(output)[0] if isinstance(x, Tensor)), None)
+    if t is None or not torch.is_autocast_enabled(t.device.type):
+        return None
+    return torch.get_autocast_dtype(t.device.type)
 
 
 def _key(t: Any) -> tuple | None:
@@ -133,11 +155,15 @@ def extend(module: Module, debug: bool = False, use_converter: bool = False) -> 
 
 
 def _pre_hook(module: Module, args: tuple) -> None:
+    if torch.compiler.is_compiling():  # as in _forward_hook
+        return torch.compiler.disable(_pre_hook)(module, args)
     if STATE.store_io and torch.is_grad_enabled():
         _PENDING_KEYS[module] = _keys(args)
 
 
 def _forward_hook(module: Module, args: tuple, kwargs: dict, output: Any) -> Any:
+    if torch.compiler.is_compiling():  # torch.compile: record eagerly, between two graphs
+        return torch.compiler.disable(_forward_hook)(module, args, kwargs, output)
     # inside torch.func transforms (a user's vmap/grad, or our own rules) nothing is recorded
     if not STATE.store_io or not torch.is_grad_enabled() or _in_transform() is not None:
         return None
@@ -186,13 +212,24 @@ def _on_output_grad(record: _Record, grads: tuple) -> None:
 
 
 def _run(record: _Record, grads: tuple[Tensor, ...]) -> None:
-    """Backward driver for one module call: run the active extensions, then free the record."""
-    exts = STATE.extensions
-    module = record.module
-    if not exts:
-        if not STATE.retain_graph:
+    """Backward driver for one module call: run the active extensions of the block of the
+    thread that recorded the call, then free the record."""
+    if not record.state.extensions:
+        if not record.state.retain_graph:
             record.release()
         return
+    if record.lowp is not None:  # autocast: gradients of low-precision outputs in float32
+        grads = tuple(g.float() if g is not None and g.dtype == record.lowp else g for g in grads)
+    if record.state is current_state():
+        _run_extensions(record, grads)
+    else:  # an autograd worker thread (CUDA)
+        with bound_state(record.state):
+            _run_extensions(record, grads)
+
+
+def _run_extensions(record: _Record, grads: tuple[Tensor, ...]) -> None:
+    exts = STATE.extensions
+    module = record.module
     if record.io is None:
         raise RuntimeError(
             f"backpack: the forward record of {module} was freed by an earlier backward pass. "
@@ -200,7 +237,8 @@ def _run(record: _Record, grads: tuple[Tensor, ...]) -> None:
             "retain_graph=True to backpack(...) as well as to backward()."
         )
     STATE.modules_run += 1
-    call = Call(module, record.rule, record.io, grads, record.in_keys, record.out_nr)
+    _check_batch(record, exts)
+    call = Call(module, record.rule, record.io, grads, record.in_keys, record.out_nr, record.lowp)
     exts = run_module_extensions(call, exts, STATE.flowing)  # set_module_extension handlers
     shared = record.shared and bool(call.params())
     if shared:
@@ -218,6 +256,20 @@ def _run(record: _Record, grads: tuple[Tensor, ...]) -> None:
     record.io.cache.clear()
     if not STATE.retain_graph:
         record.release()
+
+
+def _check_batch(record: _Record, exts: tuple) -> None:
+    """Raise ``ValueError`` for a call on an empty batch (per-sample quantities of no samples,
+    and curvature normalised by zero samples, are undefined)."""
+    x = record.io.inputs[0] if record.io.inputs else None
+    axis = record.rule.batch_axis(record.module)
+    if isinstance(x, Tensor) and x.dim() > axis and x.shape[axis] == 0:
+        names = ", ".join(type(e).__name__ for e in exts)
+        raise ValueError(
+            f"{names}: {record.module} received an empty batch (input shape "
+            f"{tuple(x.shape)}, batch axis {axis}). Skip empty batches, or run their "
+            "backward pass outside the backpack(...) block."
+        )
 
 
 def _collect(call: Call, exts: tuple) -> None:

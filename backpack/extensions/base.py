@@ -29,6 +29,7 @@ class Call:
     grads: tuple[Tensor, ...]  # gradients w.r.t. the module's outputs
     in_keys: tuple = ()  # autograd identity of each input: (node, output index) or None
     out_nr: int = 0  # output index of the module's output in its autograd node
+    lowp: torch.dtype | None = None  # autocast's dtype in the forward call (None: no autocast)
     _views: dict = field(default_factory=dict)
 
     @property

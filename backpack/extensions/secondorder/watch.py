@@ -8,12 +8,14 @@ reached by a second-order extension, the gradient along the module's path (``rul
 over the module's calls and compared with the total gradient autograd accumulates; a mismatch
 warns, naming the parameter and module. The path gradient costs about one weight-gradient pass,
 so each module is checked in its 1st, 2nd, 4th, 8th, ... backward pass (a regulariser is
-usually there from the start), not in every one.
+usually there from the start), not in every one. The tolerance is relative to the gradient's
+scale and grows with the dtype's rounding (bfloat16, float16, autocast): ``max(1e-4, 4 eps)``.
 """
 
 from __future__ import annotations
 
 import warnings
+from functools import partial
 from weakref import WeakKeyDictionary
 
 import torch
@@ -21,8 +23,8 @@ from torch import Tensor
 
 from backpack.extensions.base import Call
 
-# parameter -> [summed path gradient, hook handle, module]; "task" -> the backward pass
-_WATCHED: dict = {}
+# STATE.watched (per thread): parameter -> [summed path gradient, hook handle, module, scale,
+# tolerance]; "task" -> the backward pass
 _PASSES: WeakKeyDictionary = WeakKeyDictionary()  # module -> (passes seen, last pass, watched)
 
 
@@ -31,9 +33,12 @@ def watch_gradients(call: Call) -> None:
     params = call.params()
     if not params:
         return
+    from backpack._context import STATE  # it imports the extensions
+
     task = torch._C._current_graph_task_id()  # the backward pass (a module may run twice in one)
-    if _WATCHED and _WATCHED.get("task") != task:  # left by a pass that raised before its end
-        _clear()
+    watched = STATE.watched
+    if watched and watched.get("task") != task:  # left by a pass that raised before its end
+        _clear(watched)
     seen, last, watch = _PASSES.get(call.module, (0, None, False))
     if task != last:
         seen += 1
@@ -46,22 +51,33 @@ def watch_gradients(call: Call) -> None:
     # a bias before BatchNorm) differs from its path by noise on the module's gradient scale
     ref = max(path.abs().max() for path in paths.values())
     for name, param in params:
-        if param in _WATCHED:
-            entry = _WATCHED[param]
+        tol = _tolerance(call, param)
+        if param in watched:
+            entry = watched[param]
             entry[0], entry[3] = entry[0] + paths[name], torch.maximum(entry[3], ref)
+            entry[4] = max(entry[4], tol)
             continue
-        if not _WATCHED:
-            torch.autograd.Variable._execution_engine.queue_callback(_clear)
-            _WATCHED["task"] = task
-        handle = param.register_hook(lambda total, p=param, n=name: _compare(p, n, total))
-        _WATCHED[param] = [paths[name], handle, call.module, ref]
+        if not watched:
+            torch.autograd.Variable._execution_engine.queue_callback(partial(_clear, watched))
+            watched["task"] = task
+        compare = partial(_compare, watched, param, name)
+        watched[param] = [paths[name], param.register_hook(compare), call.module, ref, tol]
 
 
-def _compare(param: Tensor, name: str, total: Tensor) -> None:
-    path, handle, module, ref = _WATCHED.pop(param)
+def _tolerance(call: Call, param: Tensor) -> float:
+    """Relative tolerance: ``1e-4``, or 4 eps of the lowest precision the gradients passed
+    through (bfloat16, float16, an autocast region), whichever is larger."""
+    dtypes = [param.dtype, *(g.dtype for g in call.grads if g is not None)]
+    if call.lowp is not None:
+        dtypes.append(call.lowp)
+    return max(1e-4, *(4 * torch.finfo(d).eps for d in dtypes if d.is_floating_point))
+
+
+def _compare(watched: dict, param: Tensor, name: str, total: Tensor) -> None:
+    path, handle, module, ref, tol = watched.pop(param)
     handle.remove()
     scale = torch.maximum(total.abs().max(), ref)
-    if (total - path).abs().max() > 1e-4 * scale + 1e-30:
+    if (total - path).abs().max() > tol * scale + 1e-30:
         warnings.warn(
             f"Parameter '{name}' of {module} receives gradient from outside the path through "
             "the extended loss (a term added to the loss, e.g. a regulariser, or the parameter "
@@ -73,9 +89,9 @@ def _compare(param: Tensor, name: str, total: Tensor) -> None:
         )
 
 
-def _clear() -> None:
+def _clear(watched: dict) -> None:
     """End of the backward pass: drop watches whose parameter received no gradient."""
-    _WATCHED.pop("task", None)
-    for _, handle, _, _ in _WATCHED.values():
-        handle.remove()
-    _WATCHED.clear()
+    watched.pop("task", None)
+    for entry in watched.values():
+        entry[1].remove()
+    watched.clear()
