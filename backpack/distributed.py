@@ -32,13 +32,14 @@ accumulate). Every rank must reach the same extended modules in the same order (
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
+from functools import partial, reduce
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.nn import Parameter
+from torch.utils._pytree import tree_flatten
 
 from backpack.extensions.base import BackpropExtension, Call
 from backpack.extensions.firstorder import (
@@ -165,7 +166,7 @@ class SyncObserver(BackpropExtension):
         check_syncable(exts)
         super().__init__("")
         self.exts, self.sync = exts, sync
-        self.variance = [e for e in exts if type(e) is Variance]
+        self.variance = next((e for e in exts if type(e) is Variance), None)
         self._task, self._pass = None, _Pass()
 
     def run(self, call: Call) -> None:
@@ -181,11 +182,11 @@ class SyncObserver(BackpropExtension):
             rec.losses.append((reduction, float(norm)))
         for name, param in call.params():
             info = rec.params.setdefault(param, [rule, _batch_size(rule, call.module, call.g)])
-            for ext in self.variance:  # the first moment Variance needs (summed over calls)
-                io, g = call.view(ext.subsampling)
+            if self.variance is not None:  # Variance's first moment (summed over calls)
+                io, g = call.view(self.variance.subsampling)
                 first = rule.grad(call.module, io, g, name)
                 if len(info) == 2:
-                    info += [first, _batch_size(rule, call.module, g)]
+                    info += [first, float(_batch_size(rule, call.module, g))]
                 else:
                     info[2] = info[2] + first
 
@@ -204,10 +205,8 @@ class SyncObserver(BackpropExtension):
             for param, info in rec.params.items()
             for ext in self.exts
         ]
-        tensors = [v for *_, v in values if isinstance(v, Tensor)]
-        dtype = torch.promote_types(tensors[0].dtype if tensors else torch.float32, torch.float32)
-        for t in tensors[1:]:
-            dtype = torch.promote_types(dtype, t.dtype)
+        tensors = tree_flatten([v for *_, v in values])[0]
+        dtype = reduce(torch.promote_types, (t.dtype for t in tensors), torch.float32)
         device = tensors[0].device if tensors else _device(self.sync.group)
         bucket = _Bucket(dtype, device)
         m_r = 1.0 if norm is None else norm
@@ -228,20 +227,17 @@ class SyncObserver(BackpropExtension):
                 finishers.append(partial(_set_sum, param, ext.savefield, value, slot, power))
             elif kind == "variance":
                 first, n = info[2], info[3]
-                second = n * (value + (first / n).square())
-                slots = bucket.add(second * m_r**2), bucket.add(first * m_r), bucket.add(
-                    torch.tensor([float(n)])
-                )
+                second = n * (value + (first / n).square())  # sum_n g_n^2
+                slots = tuple(map(bucket.add, (second * m_r**2, first * m_r, torch.tensor([n]))))
                 finishers.append(partial(_set_variance, param, ext.savefield, value, slots))
             elif kind == "kron":
                 finishers.append(_plan_kron(bucket, param, ext.savefield, value, info, m_r))
             else:
-                counts = torch.zeros(world)
-                counts[rank] = value.shape[axis]
-                slot = bucket.add(counts) if self.sync.gather else None
                 finishers.append(partial(_rescale, value, m_r, power))
-                if self.sync.gather:
-                    gathered.append((param, ext.savefield, value, axis, slot))
+                if self.sync.gather:  # this rank's row count, at its place among the ranks'
+                    counts = torch.zeros(world)
+                    counts[rank] = value.shape[axis]
+                    gathered.append((param, ext.savefield, value, axis, bucket.add(counts)))
         bucket.all_reduce(self.sync.group)
         m = bucket[m_slot].item() if norm is not None else 1.0
         for finish in finishers:
