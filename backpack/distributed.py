@@ -131,6 +131,7 @@ class _Pass:
     def __init__(self) -> None:
         self.losses: list[tuple[str, float]] = []
         self.params: dict[Parameter, list] = {}
+        self.shared = False  # a module called several times stores at the end of the pass
 
     def normaliser(self) -> float | None:
         """``M_r`` of the pass's ``'mean'`` loss; None if its losses sum (no rescaling)."""
@@ -193,12 +194,17 @@ class SyncObserver(BackpropExtension):
     def collect(self, call: Call, pieces: Pieces) -> None:
         """A call of a module called several times: recorded like any other."""
         self.run(call)
+        self._pass.shared = True
 
     def finish(self, pieces: Pieces) -> None:
         """Nothing to store: ``_aggregate`` runs at the end of the pass."""
 
     def _aggregate(self, rec: _Pass) -> None:
         """The end of the backward pass: every quantity of ``rec``'s parameters, aggregated."""
+        if rec.shared:  # after the engine's callback storing the shared modules' quantities
+            rec.shared = False
+            torch.autograd.Variable._execution_engine.queue_callback(partial(self._aggregate, rec))
+            return
         norm = rec.normaliser()
         values = [
             (param, ext, info, getattr(param, ext.savefield, None))

@@ -125,6 +125,20 @@ def _worker(rank: int, init: str) -> None:
         dist.all_gather(other, flat)
         if not torch.equal(other[0], other[1]):
             errors.append("MC quantities differ between the ranks")
+    # a module called twice (its calls' contributions summed), without DDP
+    torch.manual_seed(0)  # the same weights on both ranks (no DDP to broadcast them)
+    lin = nn.Linear(8, 8).to(D)
+    shared = extend(nn.Sequential(nn.Flatten(), lin, nn.Tanh(), lin, nn.Linear(8, 3).to(D)))
+    exts = [BatchGrad(), SumGradSquared(), Variance(), DiagGGNExact(), KFLR()]
+    ref = _run(shared, lossfunc, x, y, exts)
+    _check(errors, "shared module", _run(shared, lossfunc, x[rows], y[rows], exts, sync=True),
+           ref, rows)  # fmt: skip
+    try:  # the loss not extended: its reduction is unknown
+        _run(shared, nn.CrossEntropyLoss(), x[rows], y[rows], [BatchGrad()], sync=True)
+        errors.append("sync without an extended loss did not raise")
+    except RuntimeError as err:
+        if "extend" not in str(err):
+            raise
     for ext in (KFRA(), GGNMP()):
         try:
             backpack(ext, sync=True)
