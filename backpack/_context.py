@@ -15,6 +15,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch.nn import Module
 
@@ -119,6 +120,11 @@ class backpack:  # noqa: N801 (BackPACK's public name)
             coupled output gradient), which sums to ``.grad`` but is not the gradient of
             sample ``n``'s loss (that is undefined: the batch statistics couple the samples).
             Per-sample curvature still raises.
+        sync: under ``torch.distributed`` (e.g. ``DistributedDataParallel``), aggregate the
+            quantities of each backward pass over the processes so that they equal one
+            process's on the concatenated batch (``True``, or ``backpack.distributed.Sync(group,
+            gather)`` to choose the group and gather per-sample quantities); see
+            ``backpack.distributed``.
     """
 
     def __init__(
@@ -129,8 +135,13 @@ class backpack:  # noqa: N801 (BackPACK's public name)
         retain_graph: bool = False,
         strict: bool = False,
         batchnorm_contributions: bool = False,
+        sync: bool | Any = False,
     ):
         _check_extensions(exts)
+        if sync:
+            from backpack.distributed import Sync, SyncObserver
+
+            exts = (*exts, SyncObserver(exts, Sync() if sync is True else sync))
         self.new = dict(
             extensions=tuple(exts),
             extension_hook=extension_hook,

@@ -20,6 +20,7 @@ from weakref import WeakSet
 import torch
 from torch import Tensor
 from torch.nn import Module
+from torch.nn.parallel.distributed import _DDPSink
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from backpack._context import STATE, bound_state, current_state, debug_log, logger
@@ -30,6 +31,7 @@ from backpack.extensions.reuse import Pieces
 from backpack.extensions.secondorder.base import run_streams
 
 _PENDING_KEYS: dict[Module, tuple] = {}  # in-place modules: input keys read before they run
+_DDP_SINK = _DDPSink._backward_cls
 _in_transform = torch._C._functorch.peek_interpreter_stack  # None outside torch.func transforms
 
 
@@ -107,8 +109,14 @@ def _autocast_dtype(output: Any) -> torch.dtype | None:
 
 
 def _key(t: Any) -> tuple | None:
-    """Identity of a tensor in the autograd graph: (producing node, output index)."""
+    """Identity of a tensor in the autograd graph: (producing node, output index).
+
+    DistributedDataParallel passes the model's outputs through an identity (``_DDPSink``, with
+    ``find_unused_parameters`` or ``static_graph``): the key is that of its input, output ``i``
+    being the sink's tensor input ``i``."""
     if isinstance(t, Tensor) and t.grad_fn is not None:
+        if type(t.grad_fn) is _DDP_SINK:
+            return t.grad_fn.next_functions[t.output_nr]
         return (t.grad_fn, t.output_nr)
     return None
 

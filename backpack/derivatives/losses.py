@@ -82,22 +82,37 @@ class CrossEntropyLossRule(_Loss):
                 "second-order extensions need input [n, C, *d]."
             )
 
+    @staticmethod
+    def _weights(module: nn.CrossEntropyLoss, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Class weights ``w [C]`` and, for class-index targets, ``w_y [n, *d]`` (0 where
+        ignored; None for probability targets)."""
+        w = module.weight
+        w = torch.ones(x.shape[1], dtype=x.dtype, device=x.device) if w is None else w.to(x.dtype)
+        if y.is_floating_point():
+            return w, None
+        valid = y != module.ignore_index
+        return w, w[torch.where(valid, y, 0)] * valid
+
+    def normaliser(self, module: nn.CrossEntropyLoss, io: IO) -> Tensor | float:
+        """``'mean'``: the summed weights ``w_y`` of the non-ignored targets (class indices),
+        the number of positions ``n * prod(d)`` (probability targets); 1 for ``'sum'``."""
+        if module.reduction != "mean":
+            return 1.0
+        x, y = self._args(io)
+        w_y = self._weights(module, x, y)[1]
+        return float(y.numel() // x.shape[1]) if w_y is None else w_y.sum()
+
     def _curvature(self, module: nn.CrossEntropyLoss, io: IO) -> tuple[Tensor, Tensor]:
         """``p [n, C, *d]`` and the per-position factor ``a / normaliser`` ``[n, *d]``."""
         x, y = self._args(io)
         p = x.softmax(1)
-        C, eps, w = x.shape[1], getattr(module, "label_smoothing", 0.0), module.weight
-        w = torch.ones(C, dtype=x.dtype, device=x.device) if w is None else w.to(x.dtype)
-        if y.is_floating_point():  # probability targets [n, C, *d]
-            q = y * (1 - eps) + eps / C
-            a = torch.einsum("nc...,c->n...", q, w)
-            norm = a.new_tensor(float(q.numel() // C))
+        C, eps = x.shape[1], getattr(module, "label_smoothing", 0.0)
+        w, w_y = self._weights(module, x, y)
+        if w_y is None:  # probability targets [n, C, *d]
+            a = torch.einsum("nc...,c->n...", y * (1 - eps) + eps / C, w)
         else:
-            valid = y != module.ignore_index
-            w_y = w[torch.where(valid, y, 0)] * valid
-            a = (1 - eps) * w_y + eps / C * w.sum() * valid
-            norm = w_y.sum()
-        return p, a / norm if module.reduction == "mean" else a
+            a = (1 - eps) * w_y + eps / C * w.sum() * (y != module.ignore_index)
+        return p, a / self.normaliser(module, io)
 
     def sqrt_hessian(self, module: nn.CrossEntropyLoss, io: IO) -> Tensor:
         """Per position ``j``, columns of ``sqrt(a_j/norm) (diag(sqrt p_j) - p_j sqrt(p_j)^T)``.
