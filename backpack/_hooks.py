@@ -49,7 +49,9 @@ class _Record:
     mark (a live record of an earlier, retained graph) costs time, not correctness.
     """
 
-    __slots__ = ("module", "rule", "io", "in_keys", "out_nr", "shared", "__weakref__")
+    __slots__ = (
+        "module", "rule", "io", "graph_inputs", "in_keys", "out_nr", "shared", "__weakref__",
+    )  # fmt: skip
 
     def __init__(self, module: Module, args: tuple, kwargs: dict, output: Any, in_keys: tuple):
         self.module = module
@@ -69,12 +71,16 @@ class _Record:
         # output, or an input that a later in-place op ties to this call) is a leaking cycle
         inputs = tuple(a.detach() if isinstance(a, Tensor) else _detach(a) for a in args)
         self.io = IO(inputs, _detach(output) if keep_out else None, kwargs and _detach(kwargs))
+        # the inputs as given, for quantities differentiated after backward(create_graph=True):
+        # their nodes lie upstream of this call's, so no cycle (parametrised modules are never
+        # in place, whose input is their output)
+        self.graph_inputs = args if module._parameters or module._modules else None
         if isinstance(output, Tensor):
             self.rule.on_forward(module, self.io, output)
         self.in_keys = in_keys
 
     def release(self) -> None:
-        self.io = None
+        self.io = self.graph_inputs = None
         self.module.__dict__["_backpack_calls"].discard(self)
 
 
@@ -200,7 +206,8 @@ def _run(record: _Record, grads: tuple[Tensor, ...]) -> None:
             "retain_graph=True to backpack(...) as well as to backward()."
         )
     STATE.modules_run += 1
-    call = Call(module, record.rule, record.io, grads, record.in_keys, record.out_nr)
+    io = _graph_io(record, exts) if torch.is_grad_enabled() else record.io
+    call = Call(module, record.rule, io, grads, record.in_keys, record.out_nr)
     exts = run_module_extensions(call, exts, STATE.flowing)  # set_module_extension handlers
     shared = record.shared and bool(call.params())
     if shared:
@@ -218,6 +225,34 @@ def _run(record: _Record, grads: tuple[Tensor, ...]) -> None:
     record.io.cache.clear()
     if not STATE.retain_graph:
         record.release()
+
+
+def _graph_io(record: _Record, exts: tuple) -> IO:
+    """The record with graph-attached inputs, inside ``backward(create_graph=True)`` (grad
+    mode is on in backward only then): first-order quantities become differentiable.
+
+    Raises:
+        NotImplementedError: for second-order extensions, whose quantities are not, and for
+            modules whose rule is not ``differentiable``.
+    """
+    second = [type(e).__name__ for e in exts if e.stream is not None]
+    if second:
+        raise NotImplementedError(
+            f"{', '.join(second)}: backward(create_graph=True) asks for differentiable "
+            "quantities, and second-order quantities are not. Run them in a backward pass "
+            "without create_graph (first-order extensions support it)."
+        )
+    if not record.rule.differentiable and record.rule.param_names(record.module):
+        raise NotImplementedError(
+            f"{', '.join(type(e).__name__ for e in exts)}: backward(create_graph=True) asks for "
+            f"differentiable quantities, and the rule of {type(record.module).__name__} computes "
+            "them from detached tensors. Run a backward pass without create_graph, or use "
+            "torch.func (vmap(grad)) for this model."
+        )
+    io = record.io
+    if record.graph_inputs is None:
+        return io
+    return IO(record.graph_inputs, io.output, io.kwargs, dict(io.cache))
 
 
 def _collect(call: Call, exts: tuple) -> None:
