@@ -13,12 +13,14 @@ call's linear pieces collected and its quantities stored at the end of the backw
 
 from __future__ import annotations
 
+import gc
 from functools import partial
 from typing import Any
 from weakref import WeakSet
 
 import torch
 from torch import Tensor
+from torch.autograd.function import BackwardCFunction
 from torch.nn import Module
 from torch.nn.parallel.distributed import _DDPSink
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
@@ -30,9 +32,24 @@ from backpack.extensions.module_extension import run_module_extensions
 from backpack.extensions.reuse import Pieces
 from backpack.extensions.secondorder.base import run_streams
 
+_HOLDING: WeakSet = WeakSet()  # records holding their node, a C++ node (``_drop_dead_nodes``)
 _PENDING_KEYS: dict[Module, tuple] = {}  # in-place modules: input keys read before they run
 _DDP_SINK = _DDPSink._backward_cls
 _in_transform = torch._C._functorch.peek_interpreter_stack  # None outside torch.func transforms
+
+
+def _drop_dead_nodes() -> None:
+    """Free the records whose retained graph the user dropped.
+
+    A record holding the C++ node whose hook holds it is a cycle the collector sees only once
+    nothing else holds the node, so a dropped graph would be freed one node per collection
+    (upstream nodes are held by downstream ones). Exactly then the node's referents (its hook
+    dicts) become visible: dropping the node frees the record, and its upstream nodes in turn.
+    """
+    while dead := [r for r in _HOLDING if gc.get_referents(r.node)]:
+        for r in dead:
+            _HOLDING.discard(r)
+            r.node = None
 
 
 class _LiveRecords(WeakSet):
@@ -47,18 +64,23 @@ class _Record:
     """What the backward driver needs of one forward call.
 
     ``shared``: another call of the module was recorded while this one was alive, so both may
-    be reached in one backward pass and must sum their contributions (``_collect``). A false
-    mark (a live record of an earlier, retained graph) costs time, not correctness.
+    be reached in one backward pass and must sum their contributions (``_collect``); it takes
+    that path only if they may (``_reached_twice``), as a live record of an earlier, retained
+    graph marks the calls after it too. ``node``: the autograd node that runs this record, kept
+    once it ran in a retained graph (for ``_reached_twice``; see ``_drop_dead_nodes``).
     """
 
     __slots__ = (
-        "module", "rule", "io", "in_keys", "out_nr", "shared", "state", "lowp", "__weakref__"
+        "module", "rule", "io", "graph_inputs", "node", "in_keys", "out_nr", "shared", "state",
+        "lowp", "__weakref__",
     )  # fmt: skip
 
     def __init__(self, module: Module, args: tuple, kwargs: dict, output: Any, in_keys: tuple):
         self.module = module
         # the module's unreleased records (they leave it when released or with their graph);
         # once two are live all are marked, so marking one other suffices
+        if _HOLDING:
+            _drop_dead_nodes()
         live = module.__dict__.get("_backpack_calls")
         if live is None:
             live = module.__dict__["_backpack_calls"] = _LiveRecords()
@@ -78,12 +100,17 @@ class _Record:
         inputs = tuple(_detach(a, self.lowp) for a in args)
         out = _detach(output, self.lowp) if keep_out else None
         self.io = IO(inputs, out, kwargs and _detach(kwargs, self.lowp))
+        # the inputs as given, for quantities differentiated after backward(create_graph=True):
+        # their nodes lie upstream of this call's, so no cycle (parametrised modules are never
+        # in place, whose input is their output)
+        self.graph_inputs = args if module._parameters or module._modules else None
         if isinstance(output, Tensor):
             self.rule.on_forward(module, self.io, output)
         self.in_keys = in_keys
+        self.node = None  # the node running this record, once it ran in a retained graph
 
     def release(self) -> None:
-        self.io = None
+        self.io = self.graph_inputs = self.node = None
         self.module.__dict__["_backpack_calls"].discard(self)
 
 
@@ -246,9 +273,10 @@ def _run_extensions(record: _Record, grads: tuple[Tensor, ...]) -> None:
         )
     STATE.modules_run += 1
     _check_batch(record, exts)
-    call = Call(module, record.rule, record.io, grads, record.in_keys, record.out_nr, record.lowp)
+    io = _graph_io(record, exts) if torch.is_grad_enabled() else record.io
+    call = Call(module, record.rule, io, grads, record.in_keys, record.out_nr, record.lowp)
     exts = run_module_extensions(call, exts, STATE.flowing)  # set_module_extension handlers
-    shared = record.shared and bool(call.params())
+    shared = record.shared and bool(call.params()) and _reached_twice(record)
     if shared:
         _collect(call, exts)
     else:
@@ -264,6 +292,51 @@ def _run_extensions(record: _Record, grads: tuple[Tensor, ...]) -> None:
     record.io.cache.clear()
     if not STATE.retain_graph:
         record.release()
+    elif call.params():
+        record.node = torch._C._current_autograd_node()
+        if not isinstance(record.node, BackwardCFunction):  # _Joint's node holds no cycle
+            _HOLDING.add(record)
+
+
+def _graph_io(record: _Record, exts: tuple) -> IO:
+    """The record with graph-attached inputs, inside ``backward(create_graph=True)`` (grad
+    mode is on in backward only then): first-order quantities become differentiable.
+
+    Raises:
+        NotImplementedError: for second-order extensions, whose quantities are not, and for
+            modules whose rule is not ``differentiable``.
+    """
+    second = [type(e).__name__ for e in exts if e.stream is not None]
+    if second:
+        raise NotImplementedError(
+            f"{', '.join(second)}: backward(create_graph=True) asks for differentiable "
+            "quantities, and second-order quantities are not. Run them in a backward pass "
+            "without create_graph (first-order extensions support it)."
+        )
+    if not record.rule.differentiable and record.rule.param_names(record.module):
+        raise NotImplementedError(
+            f"{', '.join(type(e).__name__ for e in exts)}: backward(create_graph=True) asks for "
+            f"differentiable quantities, and the rule of {type(record.module).__name__} computes "
+            "them from detached tensors. Run a backward pass without create_graph, or use "
+            "torch.func (vmap(grad)) for this model."
+        )
+    io = record.io
+    if record.graph_inputs is None:
+        return io
+    return IO(record.graph_inputs, io.output, io.kwargs, dict(io.cache))
+
+
+def _reached_twice(record: _Record) -> bool:
+    """Whether another live call of the record's module may run in this backward pass too:
+    one was collected in it already, or one whose node is unknown (it never ran in a retained
+    graph) or will run. Calls after a record of an earlier, retained graph that this pass does
+    not reach take the direct path: summing costs per-sample pieces (``[v, n, *param]`` per
+    call for the curvature diagonals; 10x the time of a retain-graph GGN loop)."""
+    if STATE.shared_task == torch._C._current_graph_task_id() and record.module in STATE.shared:
+        return True
+    will_run = torch._C._will_engine_execute_node
+    calls = record.module.__dict__["_backpack_calls"]
+    return any(r is not record and (r.node is None or will_run(r.node)) for r in calls)
 
 
 def _check_batch(record: _Record, exts: tuple) -> None:

@@ -5,7 +5,8 @@ runs once per repetition in a rotating order, interleaved in one process, after 
 table shows medians. A variant that fails prints ``n/a`` with a footnote giving the error.
 
     python benchmarks/benchmark.py [--reps 20] [--extensions BatchGrad,Variance | all]
-        [--problems mlp,mlp-sigmoid,3c3d-64,3c3d-128,3c3d-sigmoid-128,resnet,vit,gpt]
+        [--problems mlp,mlp-sigmoid,3c3d-64,3c3d-128,3c3d-sigmoid-128,resnet,vit,gpt,
+                    autoencoder]
         [--threads 2]
 """
 
@@ -136,12 +137,34 @@ def gpt() -> nn.Module:
     return GPT(vocab=64, length=32, dim=64, heads=4, layers=2).eval()
 
 
+def autoencoder() -> nn.Module:
+    """MSE autoencoder on 28x28 images (the original's retain-graph example): Conv2d encoder
+    to 7x7, ConvTranspose2d decoder back to 28x28; DiagGGNExact flows D = 784 columns."""
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
+        nn.ConvTranspose2d(32, 16, 3, stride=2, padding=1, output_padding=1), nn.ReLU(),
+        nn.ConvTranspose2d(16, 1, 3, stride=2, padding=1, output_padding=1), nn.Sigmoid(),
+        nn.Flatten(),
+    )  # fmt: skip
+
+
 Data = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
 
 
 def images(*shape: int) -> Data:
     """Batches of ``n`` random inputs ``[n, *shape]`` with one of 10 classes each."""
     return lambda n: (torch.randn(n, *shape), torch.randint(0, 10, (n,)))
+
+
+def reconstruction(*shape: int) -> Data:
+    """Batches of ``n`` random images ``[n, *shape]``, each its own (flattened) target."""
+
+    def data(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.rand(n, *shape)
+        return x, x.flatten(1)
+
+    return data
 
 
 def tokens(length: int, vocab: int) -> Data:
@@ -159,20 +182,24 @@ PROBLEMS: dict[str, tuple[Callable[[], nn.Module], Data, int]] = {
     "resnet": (resnet, images(3, 32, 32), 64),
     "vit": (vit, images(3, 32, 32), 32),
     "gpt": (gpt, tokens(32, 64), 32),
+    "autoencoder": (autoencoder, reconstruction(1, 28, 28), 32),
 }
 # problems extended with extend(..., use_converter=True)
 CONVERTED = {"resnet", "vit", "gpt"}
+# problems with a loss other than cross-entropy
+LOSSES: dict[str, Callable[[], nn.Module]] = {"autoencoder": nn.MSELoss}
 
 
 def variants(problem: str, extensions: list[str]) -> dict[str, Callable[[], None]]:
     """name -> one zero-grad + forward + backward step of that variant on ``problem``."""
     make, data, n = PROBLEMS[problem]
     torch.manual_seed(0)
-    model, lossfunc = make(), nn.CrossEntropyLoss()
+    loss_type = LOSSES.get(problem, nn.CrossEntropyLoss)
+    model, lossfunc = make(), loss_type()
     x, y = data(n)
     # same weights; `model` itself stays unhooked
     ext_model = extend(copy.deepcopy(model), use_converter=problem in CONVERTED)
-    ext_loss = extend(nn.CrossEntropyLoss())
+    ext_loss = extend(loss_type())
 
     def step(net: nn.Module, loss: nn.Module, *exts: Callable) -> Callable[[], None]:
         def run() -> None:

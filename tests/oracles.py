@@ -7,6 +7,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from backpack import disable
+
 
 def loss_scale(lossfunc: nn.Module, out: Tensor, y: Tensor) -> float:
     """Factor f with ``loss(out, y) == f * loss_sum(out, y)`` (the reduction's normaliser)."""
@@ -39,6 +41,25 @@ def per_sample_grads(
     except (RuntimeError, NotImplementedError):
         rows = [grad(sample_loss)(params, x[i], y[i]) for i in range(x.shape[0])]
         return {k: torch.stack([r[k] for r in rows]) for k in params}
+
+
+def per_sample_grads_graph(
+    model: nn.Module, lossfunc: nn.Module, x: Tensor, y: Tensor
+) -> dict[str, Tensor]:
+    """``per_sample_grads`` as part of the autograd graph (differentiable w.r.t. the parameters
+    and ``x``): one ``autograd.grad(create_graph=True)`` per sample, through ``model`` itself
+    (batch axis 0, nothing recorded). Not ``vmap(grad)``: differentiated by an outer autograd,
+    it gets LayerNorm's second derivatives wrong (torch 2.13, against finite differences)."""
+    params = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        f = loss_scale(lossfunc, model(x), y)
+    summed = type(lossfunc)(reduction="sum")
+    rows = []
+    with disable():
+        for i in range(x.shape[0]):
+            loss = f * summed(model(x[i : i + 1]), y[i : i + 1])
+            rows.append(torch.autograd.grad(loss, list(params.values()), create_graph=True))
+    return {k: torch.stack([r[j] for r in rows]) for j, k in enumerate(params)}
 
 
 def _functional(model: nn.Module):
@@ -127,15 +148,21 @@ def hessian_block(model: nn.Module, lossfunc: nn.Module, x: Tensor, y: Tensor, n
     return torch.func.hessian(loss)(params[name]).reshape(params[name].numel(), -1)
 
 
+FIRST_ORDER = {  # savefield of each first-order extension -> its value from per-sample grads
+    "grad_batch": lambda g: g,
+    "batch_l2": lambda g: g.flatten(1).square().sum(1),
+    "sum_grad_squared": lambda g: g.square().sum(0),
+    "variance": lambda g: g.var(0, unbiased=False),
+}
+
+
 def assert_first_order(params: dict, grads: dict) -> None:
     """Savefields of BatchGrad, BatchL2Grad, SumGradSquared and Variance on ``params`` against
     per-sample gradients ``grads`` ``{name: [N, *P]}``."""
     for key, p in params.items():
-        g = grads[key]
-        torch.testing.assert_close(p.grad_batch, g)
-        torch.testing.assert_close(p.batch_l2, g.flatten(1).square().sum(1))
-        torch.testing.assert_close(p.sum_grad_squared, g.square().sum(0))
-        torch.testing.assert_close(p.variance, g.var(0, unbiased=False))
+        for field, reduce in FIRST_ORDER.items():
+            got, want = getattr(p, field), reduce(grads[key])
+            torch.testing.assert_close(got, want, msg=lambda m, f=field: f"{key} {f}: {m}")
 
 
 def assert_first_order_and_diagonals(

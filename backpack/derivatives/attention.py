@@ -192,6 +192,7 @@ class MultiheadAttentionRule(Rule):
     ``add_bias_kv``, ``add_zero_attn``, ``kdim``/``vdim``, attention weights as an output."""
 
     needs_output = False
+    differentiable = False  # the projections are recomputed from detached weights
 
     def batch_axis(self, module: nn.MultiheadAttention) -> int:
         return 0 if module.batch_first else 1

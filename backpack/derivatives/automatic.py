@@ -131,6 +131,8 @@ class AutogradRule(Rule):
     belongs to the first output. Several inputs: results are tuples over the input leaves.
     """
 
+    differentiable = False  # torch.func transforms of detached parameters
+
     def on_forward(self, module: Module, io: IO, output: Tensor) -> None:
         io.cache["fingerprint"] = _fingerprint([output])
         try:  # known before the first backward pass asks for ``param_names``

@@ -51,6 +51,9 @@ class Rule:
 
     needs_output = True  # store the module's output in forward (else only its inputs)
     is_loss = False
+    # first-order quantities are differentiable w.r.t. parameters and inputs when computed with
+    # grad mode on (backward(create_graph=True)): plain tensor ops of the record and ``g``
+    differentiable = True
 
     def on_forward(self, module: Module, io: IO, output: Tensor) -> None:
         """Called with the graph-attached output when the call is recorded: a place to keep

@@ -80,9 +80,11 @@ class LinearFormRule(Rule):
             return super().batch_grad(module, io, g, name)
         a, b = self._factors1(module, io, g)
         n, groups, dim_a, _ = a.shape
-        if out is None:
-            out = a.new_empty(n, *module.weight.shape)
-        torch.matmul(b, a.transpose(-1, -2), out=out.view(n, groups, b.shape[2], dim_a))
+        if torch.is_grad_enabled():  # backward(create_graph=True): part of the graph, no out=
+            out = torch.matmul(b, a.transpose(-1, -2)).view(n, *module.weight.shape)
+        else:  # a base tensor, which the next pass may reuse as ``out``
+            out = a.new_empty(n, *module.weight.shape) if out is None else out
+            torch.matmul(b, a.transpose(-1, -2), out=out.view(n, groups, b.shape[2], dim_a))
         io.cache[key] = out
         return out
 

@@ -149,6 +149,7 @@ class RecurrentRule(Rule):
     """
 
     needs_output = False
+    differentiable = False  # the recurrence is recomputed from detached tensors
 
     def batch_axis(self, module: nn.RNNBase) -> int:
         return 0 if module.batch_first else 1

@@ -11,7 +11,8 @@ Bounds: a request drops the buffers no tensor uses that the last ``KEEP_PASSES``
 asking for memory did not use, so what is kept is what the recent passes needed at once (several
 passes: a loop alternating extensions keeps each one's buffers); ``clear()`` drops all. CUDA
 tensors and tensors under ``MIN_BYTES`` (and tensor subclasses, ``torch.func``'s wrapped
-tensors) are plain allocations (CUDA's caching allocator keeps memory itself).
+tensors, and results that join a graph, as under ``backward(create_graph=True)``) are plain
+allocations (CUDA's caching allocator keeps memory itself).
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ _use_count = getattr(torch._C, "_storage_Use_Count", None)
 def _kept(nbytes: int, like: Tensor) -> bool:
     """Whether a tensor of ``nbytes`` like ``like`` comes from a kept buffer."""
     plain = type(like) is Tensor and not torch._C._functorch.is_functorch_wrapped_tensor(like)
-    return plain and like.device.type == "cpu" and nbytes >= MIN_BYTES and _use_count is not None
+    kept = plain and like.device.type == "cpu" and nbytes >= MIN_BYTES and _use_count is not None
+    # a result in a graph (backward(create_graph=True)) must not share a buffer reused later
+    return kept and not (like.requires_grad and torch.is_grad_enabled())
 
 
 def empty(shape: Sequence[int], like: Tensor) -> Tensor:

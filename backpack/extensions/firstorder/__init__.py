@@ -81,7 +81,8 @@ class BatchGrad(FirstOrderExtension):
         n = _batch_size(rule, module, g)
         old = param.__dict__.get(self.savefield)
         reuse = (
-            isinstance(old, Tensor)
+            not torch.is_grad_enabled()  # backward(create_graph=True): a graph result
+            and isinstance(old, Tensor)
             and old.shape == (n, *param.shape)
             and old.dtype == param.dtype
             and old.device == param.device
