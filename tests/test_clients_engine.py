@@ -10,7 +10,7 @@ from torch import nn
 from backpack import backpack, extend, memory_cleanup
 from backpack._hooks import _forward_hook
 from backpack.context import CTX
-from backpack.extensions import BatchGrad, DiagGGNExact, KFLR
+from backpack.extensions import KFLR, BatchGrad, DiagGGNExact
 from tests.oracles import ggn_diag
 
 
