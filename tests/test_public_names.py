@@ -16,12 +16,25 @@ from backpack import backpack as bp_context
 from backpack import extend
 from backpack.custom_module.branching import Parallel, SumModule, _Branch
 from backpack.custom_module.scale_module import ScaleModule
-from backpack.extensions import HBP, KFLR, PCHMP, BatchGrad, DiagGGNExact
+from backpack.extensions import (
+    HBP,
+    KFLR,
+    PCHMP,
+    BatchDiagGGNExact,
+    BatchDiagHessian,
+    BatchGrad,
+    BatchL2Grad,
+    DiagGGNExact,
+    DiagGGNMC,
+    DiagHessian,
+    SumGradSquared,
+    Variance,
+)
 from backpack.extensions.curvature import Curvature
 from backpack.utils import examples
 from backpack.utils.kroneckers import kfacs_to_mat
 from backpack.utils.subsampling import subsample
-from tests.oracles import ggn_diag, hessian_block, per_sample_grads
+from tests.oracles import assert_first_order_and_diagonals, ggn_diag, hessian_block
 
 
 def _data(n: int = 3):
@@ -47,12 +60,11 @@ def test_parallel_sums_branches_and_extensions_pass_it(ordered):
     extend(model)
     assert not par._forward_hooks and not par[0]._forward_hooks  # containers: not hooked
     lossfunc = extend(nn.CrossEntropyLoss())
-    with bp_context(BatchGrad(), DiagGGNExact()):
+    exts = (BatchGrad(), BatchL2Grad(), SumGradSquared(), Variance(), DiagGGNExact(),
+            BatchDiagGGNExact(), DiagHessian(), BatchDiagHessian(), DiagGGNMC())  # fmt: skip
+    with bp_context(*exts):
         lossfunc(model(x), y).backward()
-    grads, ggn = per_sample_grads(model, lossfunc, x, y), ggn_diag(model, lossfunc, x, y)
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(p.grad_batch, grads[name])
-        torch.testing.assert_close(p.diag_ggn_exact, ggn[name])
+    assert_first_order_and_diagonals(dict(model.named_parameters()), model, lossfunc, x, y)
 
 
 def test_parallel_merge_module():
