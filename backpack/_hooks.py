@@ -130,7 +130,7 @@ def _bridge_identity_view(t: Tensor) -> None:
 def _pass_on(src: tuple, grads: tuple) -> None:
     flowing = STATE.flowing
     node = torch._C._current_autograd_node()
-    for key in [k for k in flowing if k[1] is node]:
+    for key in [k for k in flowing if len(k) == 3 and k[1] is node]:  # (stream, node, nr)
         send(flowing, key[0], (src,), [flowing.pop(key)])
 
 

@@ -10,7 +10,8 @@ from torch import nn
 from backpack import backpack, extend, memory_cleanup
 from backpack._hooks import _forward_hook
 from backpack.context import CTX
-from backpack.extensions import KFLR, BatchGrad, DiagGGNExact
+from backpack.custom_module.branching import SumModule
+from backpack.extensions import KFLR, KFRA, BatchGrad, DiagGGNExact
 from tests.oracles import ggn_diag
 
 
@@ -102,6 +103,7 @@ def test_memory_cleanup_frees_the_records():
 def test_identity_view_before_the_loss(view):
     """laplace-torch feeds ``f.view(-1, f.size(-1))`` to the loss: second order passes it."""
     model, lossfunc, x, y = _problem()
+    model = nn.Sequential(model[0], _ViewTwice(), *model[1:])  # a view inside the model, too
     extend(model), extend(lossfunc)
     out = model(x)
     f = {
@@ -111,9 +113,20 @@ def test_identity_view_before_the_loss(view):
         "squeeze": lambda o: o.squeeze(),
         "expand": lambda o: o.expand(6, 3),
     }[view](out)
-    with backpack(DiagGGNExact(), KFLR()):
+    with backpack(DiagGGNExact(), KFLR(), KFRA()):
         lossfunc(f, y).backward()
     ref = ggn_diag(model, lossfunc, x, y)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.diag_ggn_exact, ref[name])
-    assert len(model[2].weight.kflr) == 2
+        assert len(p.kflr) == len(p.kfra) == p.dim()
+
+
+class _ViewTwice(nn.Module):
+    """``x + x.view_as(x)``: a view consumed by a module along with its base (KFRA: a fork)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sum = SumModule()
+
+    def forward(self, x):
+        return self.sum(x, x.view_as(x))
