@@ -70,9 +70,14 @@ def test_backpack_backend_matches_curvlinops(backend, structure, likelihood):
     ref, _ = _fit(REFERENCE[backend], likelihood, structure)
     torch.testing.assert_close(_precision(ours), _precision(ref))
     torch.testing.assert_close(ours.loss, ref.loss)
-    for _ in range(3):  # each predictive re-extends the model (laplace resets the flags)
-        f_ours = ours(x[:3], pred_type="glm")
-        f_ref = ref(x[:3], pred_type="glm")
+    _assert_same_predictive(ours, ref, x[:3])
+
+
+def _assert_same_predictive(ours, ref, x: torch.Tensor) -> None:
+    """GLM predictives agree, three times: each re-extends the model (laplace resets the
+    flags); the k-th call used to add a k-th hook and give k times the Jacobian."""
+    for _ in range(3):
+        f_ours, f_ref = ours(x, pred_type="glm"), ref(x, pred_type="glm")
         pairs = zip(f_ours, f_ref) if isinstance(f_ours, tuple) else [(f_ours, f_ref)]
         for a, b in pairs:
             torch.testing.assert_close(a, b)
@@ -99,3 +104,12 @@ def test_jacobians_stay_exact_over_calls():
     for _ in range(3):
         J, _ = backend.jacobians(x)
         torch.testing.assert_close(J, ref)
+
+
+@pytest.mark.parametrize("likelihood", ["classification", "regression"])
+def test_functional_laplace(likelihood):
+    """FunctionalLaplace (``hessian_structure="gp"``) builds its kernel from Jacobians."""
+    fits = [_fit(b, likelihood, "gp", n_subset=10) for b in (BackPackGGN, CurvlinopsGGN)]
+    (ours, x), (ref, _) = fits
+    torch.testing.assert_close(ours.log_marginal_likelihood(), ref.log_marginal_likelihood())
+    _assert_same_predictive(ours, ref, x[:3])
