@@ -10,7 +10,18 @@ p.grad_batch  # [N, *p.shape]
 
 from backpack import derivatives  # noqa: F401  (registers the built-in rules)
 from backpack._context import backpack, disable, set_strict
-from backpack._hooks import extend
+from backpack._hooks import extend, memory_cleanup
+from backpack.custom_module.graph_utils import convert_module_to_backpack
 from backpack.derivatives.base import IO, Rule, register
 
-__all__ = ["backpack", "disable", "extend", "register", "set_strict", "Rule", "IO"]
+__all__ = [
+    "backpack",
+    "disable",
+    "extend",
+    "register",
+    "set_strict",
+    "Rule",
+    "IO",
+    "convert_module_to_backpack",
+    "memory_cleanup",
+]

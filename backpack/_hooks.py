@@ -30,7 +30,7 @@ from backpack.derivatives.base import IO, rule_for
 from backpack.extensions.base import HANDLED_TYPES, Call
 from backpack.extensions.module_extension import run_module_extensions
 from backpack.extensions.reuse import Pieces
-from backpack.extensions.secondorder.base import run_streams
+from backpack.extensions.secondorder.base import run_streams, send
 
 _HOLDING: WeakSet = WeakSet()  # records holding their node, a C++ node (``_drop_dead_nodes``)
 _PENDING_KEYS: dict[Module, tuple] = {}  # in-place modules: input keys read before they run
@@ -151,10 +151,44 @@ def _key(t: Any) -> tuple | None:
 def _keys(args: tuple) -> tuple:
     """Keys of the tensors in ``args``, nested tuples and lists (e.g. RNN states) flattened."""
     if len(args) == 1 and isinstance(args[0], Tensor):  # the common case, fast
+        if args[0]._base is not None:
+            _bridge_identity_view(args[0])
         return (_key(args[0]),)
     if any(isinstance(a, (tuple, list)) for a in args):
         args = tree_flatten(args)[0]
+    for a in args:
+        if isinstance(a, Tensor) and a._base is not None:
+            _bridge_identity_view(a)
     return tuple(map(_key, args))
+
+
+# view nodes that are the identity when their output has their input's shape
+_VIEW_NODES = frozenset(
+    ("ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "SqueezeBackward0",
+     "SqueezeBackward1", "SqueezeBackward2", "ExpandBackward0")
+)  # fmt: skip
+
+
+def _bridge_identity_view(t: Tensor) -> None:
+    """Second-order quantities reaching ``t``, a view of a tensor of the same shape
+    (``f.view(-1, C)`` of an ``[N, C]`` output before the loss, as laplace-torch does; chains
+    of such views included), pass on to that tensor unchanged."""
+    node, src = t.grad_fn, None
+    while type(node).__name__ in _VIEW_NODES and len(node.next_functions) == 1:
+        if tuple(getattr(node, "_saved_self_sym_sizes", ())) != tuple(t.shape):
+            break
+        src = node.next_functions[0]
+        node = src[0]
+    if src is not None and src[0] is not None:
+        # the hook finds its node by _current_autograd_node: binding it would be a leaking cycle
+        t.grad_fn.register_prehook(partial(_pass_on, src))
+
+
+def _pass_on(src: tuple, grads: tuple) -> None:
+    flowing = STATE.flowing
+    node = torch._C._current_autograd_node()
+    for key in [k for k in flowing if len(k) == 3 and k[1] is node]:  # (stream, node, nr)
+        send(flowing, key[0], (src,), [flowing.pop(key)])
 
 
 def _wants_hook(module: Module) -> bool:
@@ -170,23 +204,53 @@ def extend(module: Module, debug: bool = False, use_converter: bool = False) -> 
     rules (``convert_module_to_backpack``); ``module`` itself is left untouched.
 
     Containers (modules with children and no parameters of their own) are not hooked.
-    Idempotent: already extended modules are skipped.
+    Idempotent: a module that carries backpack's hook is skipped, whatever its
+    ``_backpack_extend`` flag says (clients reset it and extend again); ``remove_hooks``
+    (``backpack.context.CTX.remove_hooks()``) takes the hooks off.
     """
     if use_converter:
         from backpack.custom_module.graph_utils import convert_module_to_backpack
 
         module = convert_module_to_backpack(module, debug)
     for m in module.modules():
-        if getattr(m, "_backpack_extend", False) or not _wants_hook(m):
+        if not _wants_hook(m):
+            continue
+        _EXTENDED.add(m)  # hooked now, or already (also converter copies of hooked modules)
+        m._backpack_extend = True
+        if _is_hooked(m):
             continue
         if debug:
             logger.info("Extending %s", m)
-        handles = [m.register_forward_hook(_forward_hook, with_kwargs=True)]
+        m.register_forward_hook(_forward_hook, with_kwargs=True)
         if getattr(m, "inplace", False):
-            handles.append(m.register_forward_pre_hook(_pre_hook))
-        m._backpack_handles = handles
-        m._backpack_extend = True
+            m.register_forward_pre_hook(_pre_hook)
     return module
+
+
+_EXTENDED: WeakSet[Module] = WeakSet()  # modules that may carry backpack's hooks
+
+
+def _is_hooked(m: Module) -> bool:
+    return any(h is _forward_hook for h in m._forward_hooks.values())
+
+
+def remove_hooks() -> None:
+    """Take backpack's hooks off every module ``extend`` hooked (BackPACK's
+    ``CTX.remove_hooks()``); the ``_backpack_extend`` flags stay, ``extend`` hooks again."""
+    for m in list(_EXTENDED):
+        for hooks in (m._forward_hooks, m._forward_pre_hooks):
+            for k in [k for k, h in hooks.items() if h is _forward_hook or h is _pre_hook]:
+                del hooks[k]
+                m._forward_hooks_with_kwargs.pop(k, None)
+    _EXTENDED.clear()
+
+
+def memory_cleanup(module: Module) -> None:
+    """Free what ``module`` (not its children) holds of forward passes not yet
+    backpropagated with extensions (BackPACK's ``memory_cleanup``): a later backward pass
+    with extensions through those calls raises."""
+    for record in list(module.__dict__.get("_backpack_calls", ())):
+        record.release()
 
 
 def _pre_hook(module: Module, args: tuple) -> None:
@@ -267,7 +331,8 @@ def _run_extensions(record: _Record, grads: tuple[Tensor, ...]) -> None:
     module = record.module
     if record.io is None:
         raise RuntimeError(
-            f"backpack: the forward record of {module} was freed by an earlier backward pass. "
+            f"backpack: the forward record of {module} was freed by an earlier backward pass "
+            "(or memory_cleanup). "
             "To backpropagate through one graph several times with extensions, pass "
             "retain_graph=True to backpack(...) as well as to backward()."
         )

@@ -273,8 +273,7 @@ def test_hbp_presets_and_options():
     kfra = KFRA()
     assert isinstance(kfra, HBP) and kfra.loss_hessian_strategy == LossHessianStrategy.SUM
     assert KFAC(mc_samples=3).mc_samples == 3
-    bad = [
-        (Curvature.HESSIAN, "exact", "sqrt", ExpectationApproximation.BOTEV_MARTENS),
+    bad = [  # HBP with curv_type HESSIAN: tests/test_public_names.py
         (Curvature.GGN, "exact", "average", ExpectationApproximation.BOTEV_MARTENS),
         (Curvature.GGN, "sum", "sqrt", ExpectationApproximation.BOTEV_MARTENS),
         (Curvature.GGN, "exact", "sqrt", ExpectationApproximation.CHEN),

@@ -265,3 +265,37 @@ def test_user_defined_first_order_extension():
     ext = FirstOrderBackpropExtension("grad_sq", {Scale: GradSquared()}, fail_mode="ERROR")
     with pytest.raises(NotImplementedError, match="no module extension for Linear"):
         _backward(model, lossfunc, [ext], x, y)
+
+
+class RecordingCurvature(ScaleCurvature):
+    """Keeps the factors it is handed."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def weight(self, ext, module, g_inp, g_out, bp):
+        self.seen.append(bp)
+        return super().weight(ext, module, g_inp, g_out, bp)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_handlers_get_the_columns_of_1_7(reduction):
+    """Cross-entropy's square root reaches handlers as BackPACK 1.7's ``[C, N, *out]``,
+    ``diag(sqrt p) - p sqrt(p)^T`` (times ``1/sqrt(N)`` for ``mean``), not the lean C - 1."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 3), Scale()).double()
+    lossfunc = nn.CrossEntropyLoss(reduction=reduction)
+    x, y = _data()
+    ref = ggn_diag(model, lossfunc, x, y)
+    ext, handler = DiagGGNExact(), RecordingCurvature()
+    ext.set_module_extension(Scale, handler)
+    _backward(model, lossfunc, [ext], x, y)
+    p = model(x).softmax(1).detach()
+    sqrt_p = p.sqrt()
+    root = torch.diag_embed(sqrt_p) - p.unsqueeze(2) * sqrt_p.unsqueeze(1)  # [n, c, c']
+    root = root.permute(2, 0, 1) / (len(x) ** 0.5 if reduction == "mean" else 1.0)
+    (bp,) = handler.seen
+    torch.testing.assert_close(bp, root)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.diag_ggn_exact, ref[name])

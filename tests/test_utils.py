@@ -15,6 +15,8 @@ from backpack.utils.kroneckers import (
     apply_kfac_mat_prod,
     inv_kfac_mat_prod,
     inv_kfacs,
+    is_matrix,
+    is_vector,
     kfac_mat_prod,
     kfacs_to_mat,
     two_kfacs_to_mat,
@@ -101,12 +103,26 @@ def test_inv_kfacs_clamps_inverse_eigenvalues():
     assert torch.linalg.eigvalsh(inv).abs().max().item() == pytest.approx(1e8)
 
 
+def test_rectangular_factors():
+    """``(A ⊗ B) mat`` for ``A [2, 3]``, ``B [4, 1]``: ``[8, 3] @ [3, V]``."""
+    torch.manual_seed(0)
+    A, B = torch.randn(2, 3, dtype=torch.float64), torch.randn(4, 1, dtype=torch.float64)
+    K = kfacs_to_mat([A, B])
+    torch.testing.assert_close(K, torch.kron(A, B))
+    assert K.shape == (8, 3) and is_matrix(K) and not is_vector(K) and is_vector(K[0])
+    mat = torch.randn(3, 5, dtype=torch.float64)
+    torch.testing.assert_close(apply_kfac_mat_prod([A, B], mat), K @ mat)
+    torch.testing.assert_close(kfac_mat_prod([A, B])(mat[:, 0]), K @ mat[:, 0])
+
+
 def test_kronecker_errors():
     A = torch.eye(2, dtype=torch.float64)
     with pytest.raises(ValueError, match="at least one"):
         kfacs_to_mat([])
     with pytest.raises(ValueError, match="square"):
-        kfac_mat_prod([A, torch.ones(2, 3)])
+        inv_kfacs([A, torch.ones(2, 3)])
+    with pytest.raises(ValueError, match="must be a matrix"):
+        kfac_mat_prod([A, torch.ones(2)])
     with pytest.raises(ValueError, match="2 shifts for 3"):
         inv_kfacs([A, A, A], shift=[0.1, 0.2])
     with pytest.raises(ValueError, match=r"\[4, V\]"):

@@ -37,8 +37,8 @@ _ACTIVATIONS: dict[Any, type[nn.Module]] = {
 }  # fmt: skip
 _ADD = (operator.add, operator.iadd, torch.add, "add", "add_")
 _SUB = (operator.sub, operator.isub, torch.sub, "sub", "sub_")
-_MUL = (operator.mul, operator.imul, torch.mul, "mul", "mul_")
-_DIV = (operator.truediv, operator.itruediv, torch.div, "div", "div_")
+_MUL = (operator.mul, operator.imul, torch.mul, torch.multiply, "mul", "mul_", "multiply")
+_DIV = (operator.truediv, operator.itruediv, torch.div, torch.divide, "div", "div_", "divide")
 _RESHAPE = ("view", "reshape", torch.reshape)
 _IGNORED = (operator.getitem, "size", getattr, "dim")  # tuple access and shape queries
 

@@ -1,9 +1,10 @@
-"""Kronecker products of square factors ``K = A_1 ⊗ A_2 ⊗ ...`` and their (damped) inverses.
+"""Kronecker products ``K = A_1 ⊗ A_2 ⊗ ...`` of matrices and (square factors) their damped
+inverses.
 
-Conventions (row-major, as ``torch.kron``): for factors of sizes ``d_1, d_2, ...`` the product
-has size ``D = d_1 d_2 ...`` and index ``(i_1, i_2, ...)`` of ``[d_1, d_2, ...]`` is row
-``i_1 d_2 d_3 ... + i_2 d_3 ... + ...`` of ``K``. Matrices ``mat`` multiplied by ``K`` have shape
-``[D, V]`` (or ``[D]`` for a single vector).
+Conventions (row-major, as ``torch.kron``): for factors ``[r_k, c_k]`` the product is
+``[R, C]``, ``R = r_1 r_2 ...``, ``C = c_1 c_2 ...``, and index ``(i_1, i_2, ...)`` of
+``[r_1, r_2, ...]`` is row ``i_1 r_2 r_3 ... + i_2 r_3 ... + ...`` of ``K`` (columns alike).
+Matrices ``mat`` multiplied by ``K`` have shape ``[C, V]`` (or ``[C]`` for a single vector).
 """
 
 from __future__ import annotations
@@ -19,45 +20,56 @@ from torch import Tensor
 _MAX_INV_EIGVAL = 1e8  # clamp bound for 1 / (eigenvalue + shift) of nearly singular factors
 
 
+def is_matrix(t: Tensor) -> bool:
+    """Whether ``t`` has two dimensions."""
+    return t.dim() == 2
+
+
+def is_vector(t: Tensor) -> bool:
+    """Whether ``t`` has one dimension."""
+    return t.dim() == 1
+
+
 def kfacs_to_mat(factors: Sequence[Tensor]) -> Tensor:
-    """Dense Kronecker product ``A_1 ⊗ A_2 ⊗ ...`` of ``[d_k, d_k]`` factors: ``[D, D]``.
+    """Dense Kronecker product ``A_1 ⊗ A_2 ⊗ ...`` of ``[r_k, c_k]`` factors: ``[R, C]``.
 
     Args:
-        factors: one or more square matrices.
+        factors: one or more matrices.
     """
     _check_factors(factors)
     return reduce(two_kfacs_to_mat, factors)
 
 
 def two_kfacs_to_mat(A: Tensor, B: Tensor) -> Tensor:
-    """Dense Kronecker product ``A ⊗ B`` of ``[a, a]`` and ``[b, b]``: ``[a b, a b]``."""
+    """Dense Kronecker product ``A ⊗ B`` of ``[a, a']`` and ``[b, b']``: ``[a b, a' b']``."""
     return torch.kron(A, B)
 
 
 def kfac_mat_prod(factors: Sequence[Tensor]) -> Callable[[Tensor], Tensor]:
-    """Return ``mat ↦ (A_1 ⊗ A_2 ⊗ ...) mat`` for ``mat`` ``[D, V]`` (or ``[D]``).
+    """Return ``mat ↦ (A_1 ⊗ A_2 ⊗ ...) mat`` for ``mat`` ``[C, V]`` (or ``[C]``): ``[R, V]``.
 
-    The Kronecker product is never formed: ``mat`` is viewed as ``[d_1, d_2, ..., V]`` and each
-    factor is contracted with its own axis, costing ``O(D V sum_k d_k)`` instead of ``O(D² V)``.
+    The Kronecker product is never formed: ``mat`` is viewed as ``[c_1, c_2, ..., V]`` and each
+    factor is contracted with its own axis, costing ``O(C V sum_k r_k)`` (square factors)
+    instead of ``O(R C V)``.
 
     Args:
-        factors: one or more square matrices ``[d_k, d_k]``.
+        factors: one or more matrices ``[r_k, c_k]``.
     """
     _check_factors(factors)
-    dims = [A.shape[0] for A in factors]
-    D = math.prod(dims)
+    cols = [A.shape[1] for A in factors]
+    C, R = math.prod(cols), math.prod(A.shape[0] for A in factors)
 
     def mat_prod(mat: Tensor) -> Tensor:
-        if mat.dim() not in (1, 2) or mat.shape[0] != D:
+        if mat.dim() not in (1, 2) or mat.shape[0] != C:
             raise ValueError(
-                f"expected mat of shape [{D}, V] or [{D}] for Kronecker "
-                f"factors of sizes {dims}, got {tuple(mat.shape)}"
+                f"expected mat of shape [{C}, V] or [{C}] for Kronecker factors of shapes "
+                f"{[tuple(A.shape) for A in factors]}, got {tuple(mat.shape)}"
             )
-        result = mat.reshape(*dims, *mat.shape[1:])
+        result = mat.reshape(*cols, *mat.shape[1:])
         for axis, A in enumerate(factors):
             # contract A's columns with axis `axis`; tensordot puts A's row axis first
             result = torch.tensordot(A, result, dims=([1], [axis])).movedim(0, axis)
-        return result.reshape(mat.shape)
+        return result.reshape(R, *mat.shape[1:])
 
     return mat_prod
 
@@ -104,7 +116,7 @@ def inv_kfacs(
         ValueError: if ``factors`` is empty or not square matrices, or a list of shifts does not
             have one entry per factor.
     """
-    _check_factors(factors)
+    _check_factors(factors, square=True)
     if shift is None:
         shifts = [0.0] * len(factors)
     elif isinstance(shift, Real):
@@ -126,10 +138,11 @@ def _damped_inverse(A: Tensor, shift: float) -> Tensor:
     return (evecs * inv_evals) @ evecs.T
 
 
-def _check_factors(factors: Sequence[Tensor]) -> None:
-    """Raise ``ValueError`` unless ``factors`` is a non-empty sequence of square matrices."""
+def _check_factors(factors: Sequence[Tensor], square: bool = False) -> None:
+    """Raise ``ValueError`` unless ``factors`` is a non-empty sequence of (square) matrices."""
     if len(factors) == 0:
         raise ValueError("expected at least one Kronecker factor, got none")
     for k, A in enumerate(factors):
-        if A.dim() != 2 or A.shape[0] != A.shape[1]:
-            raise ValueError(f"Kronecker factor {k} must be a square matrix, got {tuple(A.shape)}")
+        if not is_matrix(A) or (square and A.shape[0] != A.shape[1]):
+            kind = "a square matrix (to invert it)" if square else "a matrix"
+            raise ValueError(f"Kronecker factor {k} must be {kind}, got {tuple(A.shape)}")

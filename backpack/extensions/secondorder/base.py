@@ -309,7 +309,11 @@ def run_streams(
     for stream, group in groups.items():
         if call.rule.is_loss:  # the root: what flows into the loss's input
             call.rule.check(call.module, call.io, group[0])
-            lean = not any(getattr(ext.stream, "stores_columns", False) for ext in group)
+            # the loss's own columns where they are stored, or handed to set_module_extension
+            # handlers (BackPACK 1.7's [C, N, *out] for cross-entropy); else the fewest
+            lean = not any(
+                getattr(e.stream, "stores_columns", False) or e.module_exts for e in group
+            )
             new = [stream.start(call, _loss_scale(call), lean)]
         else:
             value = flowing.pop((stream, *call.out_key), None)

@@ -264,7 +264,13 @@ class PCHMP(_CurvMatProd):
         return super().dense((evecs * evals) @ evecs.T)
 
     def modify(self, terms: dict) -> dict:
-        """Residual parts carry their sign; the loss's root is always positive."""
-        if self.modify_name == "clip":
-            return {o: (s, m) for o, (s, m) in terms.items() if s > 0}
-        return {o: (1.0, m) for o, (s, m) in terms.items()}
+        return positive_curvature(terms, self.modify_name)
+
+
+def positive_curvature(terms: dict, modify: str) -> dict:
+    """Signed factors ``{origin: (sign, S)}`` with the negative ones dropped (``'clip'``) or
+    counted positive (``'abs'``): residual parts carry their sign, the loss's root is
+    positive."""
+    if modify == "clip":
+        return {o: (s, m) for o, (s, m) in terms.items() if s > 0}
+    return {o: (1.0, m) for o, (s, m) in terms.items()}

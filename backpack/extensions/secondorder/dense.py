@@ -43,7 +43,13 @@ class DenseStream:
     follows each path's steps as ``(1/N) sum_n J_n^T C`` (batch-averaged on one side at a time;
     exact at batch size one, like the rest of the recursion). Cross blocks live in a registry
     of the ``backpack`` block, keyed by pairs of paths.
+
+    ``curvature`` (HBP): ``""`` the GGN; else each curved layer adds its residual ``sum_n
+    sum_k g_nk d2out_nk/din_n2``, summed over the samples, from its signed factors as they are
+    (``"hessian"``), without the negative ones (``"clip"``) or all counted positive (``"abs"``).
     """
+
+    curvature: str = ""
 
     def start(self, call: Call, scale: float, lean: bool = True) -> Dense:
         """The loss Hessian ``S S^T`` ``[D, D]``: any root gives it (``lean`` is moot)."""
@@ -106,9 +112,27 @@ class DenseStream:
             elif key[0] == "other" and key[2] in branch:
                 _set(crosses, branch[key[2]], key[1], block / n)
         out: list[Dense | None] = [None] * (max(live) + 1 if live else 0)
+        residual = self.residual(call) if self.curvature else None
         for i in live:
-            out[i] = Dense(value.origins, totals[i] / n, branch[i])
+            mat = totals[i] / n
+            out[i] = Dense(value.origins, mat if residual is None else mat + residual, branch[i])
         return out
+
+    def residual(self, call: Call) -> Tensor | None:
+        """The layer's residual summed over the samples ``[D_in, D_in]``, signs per
+        ``curvature``; None where the layer is linear in its input."""
+        weight = {"hessian": lambda s: s, "clip": lambda s: max(s, 0.0), "abs": abs}
+        total, ax = None, call.rule.batch_axis(call.module)
+        for sign, r in call.rule.residual_factors(call.module, call.io, call.g):
+            if isinstance(r, tuple):
+                raise NotImplementedError(
+                    f"HBP with curvature {self.curvature!r} and BATCH_AVERAGE: {call.module} is "
+                    "curved in several inputs; use the SQRT strategy (EXACT or SAMPLING)."
+                )
+            r = r.movedim(ax + 1, 1).flatten(2)
+            block = weight[self.curvature](sign) * torch.einsum("rnd,rne->de", r, r)
+            total = block if total is None else total + block
+        return total
 
     @staticmethod
     def end(value: Dense) -> None:
