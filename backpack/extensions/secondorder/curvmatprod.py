@@ -85,15 +85,18 @@ def block_product(
             ]
         )
 
-    # the detached records, factors and lazy residuals, nothing else (no cache, no graph)
+    # the detached records, factors and lazy residuals, nothing else (no cache, no graph; not
+    # ``ref``: a factor may carry its autograd node, which would keep the graph alive)
     records = [((io.inputs, io.output, io.kwargs), stacked(terms)) for io, terms in calls]
+    eager = ref is not None
+    del ref
 
     def product(mat: Tensor) -> Tensor:
         with torch.no_grad():
             fresh = [IO(*record) for record, _ in records]  # own memo: not the backward's
             jmats = [rule.param_jac_mat_prod(module, io, mat, name) for io in fresh]
             backs = [0 for _ in fresh]  # [V, n, *out] per call: C J mat
-            if ref is not None:
+            if eager:
                 # per-sample columns act on their own sample (block-diagonal over the batch),
                 # coupled columns on the whole batch (their coefficient sums over n)
                 coef = 0
