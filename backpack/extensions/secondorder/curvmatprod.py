@@ -54,57 +54,25 @@ def block_product(
     every call (zero in a call it does not reach)."""
     calls = _couple_across_calls(calls)
     lazies = [terms.get(LAZY, (1.0, None))[1] for _, terms in calls]
-    calls = [(io, {o: t for o, t in terms.items() if o != LAZY}) for io, terms in calls]
-    origins: dict = {}  # origin -> (sign, number of columns)
-    for _, terms in calls:
-        origins.update({o: (s, m.shape[0]) for o, (s, m) in terms.items()})
-    ref = next((m for _, terms in calls for _, m in terms.values()), None)
-    if ref is not None:
-        signs = torch.cat(
-            [
-                torch.full((c,), float(s), dtype=ref.dtype, device=ref.device)
-                for s, c in origins.values()
-            ]
-        )
-        coupled = torch.cat(
-            [
-                torch.full((c, 1, 1), _is_coupled(o), device=ref.device)
-                for o, (_, c) in origins.items()
-            ]
-        )
-
-    def stacked(terms: dict) -> Tensor | None:
-        """``[c, n, *out]``: the call's columns, zero for origins it does not reach."""
-        if ref is None:
-            return None
-        shape = next(iter(terms.values()))[1].shape[1:]
-        return torch.cat(
-            [
-                terms[o][1].detach() if o in terms else ref.new_zeros(c, *shape)
-                for o, (_, c) in origins.items()
-            ]
-        )
-
-    # the detached records, factors and lazy residuals, nothing else (no cache, no graph; not
-    # ``ref``: a factor may carry its autograd node, which would keep the graph alive)
-    records = [((io.inputs, io.output, io.kwargs), stacked(terms)) for io, terms in calls]
-    eager = ref is not None
-    del ref
+    columns = _columns([{o: t for o, t in terms.items() if o != LAZY} for _, terms in calls])
+    # the detached records, factors and lazy residuals, nothing else (no cache, no graph)
+    records = [(io.inputs, io.output, io.kwargs) for io, _ in calls]
 
     def product(mat: Tensor) -> Tensor:
         with torch.no_grad():
-            fresh = [IO(*record) for record, _ in records]  # own memo: not the backward's
+            fresh = [IO(*record) for record in records]  # own memo: not the backward's
             jmats = [rule.param_jac_mat_prod(module, io, mat, name) for io in fresh]
             backs = [0 for _ in fresh]  # [V, n, *out] per call: C J mat
-            if eager:
+            if columns is not None:
                 # per-sample columns act on their own sample (block-diagonal over the batch),
                 # coupled columns on the whole batch (their coefficient sums over n)
+                stacked, signs, coupled = columns
                 coef = 0
-                for (_, f), jmat in zip(records, jmats):
+                for f, jmat in zip(stacked, jmats):
                     coef = coef + torch.einsum("cnk,vnk->cnv", f.flatten(2), jmat.flatten(2))
                 coef = coef * signs[:, None, None]
                 coef = torch.where(coupled, coef.sum(1, keepdim=True), coef)
-                for c, ((_, f), jmat) in enumerate(zip(records, jmats)):
+                for c, (f, jmat) in enumerate(zip(stacked, jmats)):
                     back = torch.einsum("cnv,cnk->vnk", coef, f.flatten(2))
                     backs[c] = back.view_as(jmat)
             starts = [(lazy, jmat) for lazy, jmat in zip(lazies, jmats) if lazy is not None]
@@ -118,6 +86,33 @@ def block_product(
             )
 
     return product
+
+
+def _columns(calls: list[dict]) -> tuple[list[Tensor], Tensor, Tensor] | None:
+    """The signed factors of each call stacked ``[c, n, *out]`` (zero for origins a call does
+    not reach), the columns' signs ``[c]`` and whether they are coupled ``[c, 1, 1]``; None
+    without factors. Copies: a factor may carry its autograd node (``_OWNER``), which would
+    keep the graph, and with it the model, alive in a cycle through autograd."""
+    origins: dict = {}  # origin -> (sign, number of columns)
+    for terms in calls:
+        origins.update({o: (s, m.shape[0]) for o, (s, m) in terms.items()})
+    ref = next((m for terms in calls for _, m in terms.values()), None)
+    if ref is None:
+        return None
+    signs = [torch.full((c,), float(s), dtype=ref.dtype) for s, c in origins.values()]
+    coupled = [torch.full((c, 1, 1), _is_coupled(o)) for o, (_, c) in origins.items()]
+
+    def stacked(terms: dict) -> Tensor:
+        shape = next(iter(terms.values()))[1].shape[1:]
+        return torch.cat(
+            [
+                terms[o][1].detach() if o in terms else ref.new_zeros(c, *shape)
+                for o, (_, c) in origins.items()
+            ]
+        )
+
+    device = ref.device
+    return [stacked(t) for t in calls], torch.cat(signs).to(device), torch.cat(coupled).to(device)
 
 
 def _couple_across_calls(calls: list[tuple[IO, dict]]) -> list[tuple[IO, dict]]:
