@@ -7,10 +7,13 @@ residuals), of the Hessian (with the curved layers' residuals, plus ``(sum_k g_k
 dtheta2) mat`` where the module's output is curved in ``theta`` itself) or of the
 positive-curvature Hessian (residuals' negative parts dropped, ``'clip'``, or counted positive,
 ``'abs'``; where the output is curved in ``theta`` itself, that residual's eigenvalues alike).
+HMP and PCHMP apply the elementwise layers' residuals lazily (``lazy``): memory linear in the
+activations. ``f`` also takes one vector ``[*theta] -> [*theta]``; other shapes raise.
 
-A closure holds the module, its detached forward record and the factors (and, for HMP on a
-module curved in its parameters, the detached output gradient), nothing else: it stays valid
-after later backward passes and keeps no autograd graph alive.
+A closure holds the module, its detached forward record, copies of the factors and the lazy
+residuals (records and residual diagonals of the modules downstream; and, for HMP on a module
+curved in its parameters, the detached output gradient), nothing else: it stays valid after
+later backward passes and keeps no autograd graph alive.
 """
 
 from __future__ import annotations
