@@ -92,10 +92,15 @@ class Stream:
         tag = getattr(call.rule, "closes_tag", None)
         if tag and all(isinstance(o, tuple) and o[0] == tag for o in outs[0]):
             return [{o[1]: t for o, t in outs[0].items()}]  # the loss already holds this residual
-        if self.residuals:
-            for i, (sign, r) in enumerate(call.rule.residual_factors(call.module, call.io, call.g)):
-                put((COUPLED, (id(call.io), i)) if couples else (id(call.io), i), sign, r)
+        for i, (sign, r) in enumerate(self.residual_factors(call)):
+            put((COUPLED, (id(call.io), i)) if couples else (id(call.io), i), sign, r)
         return [o or None for o in outs]
+
+    def residual_factors(self, call: Call) -> list[tuple[float, Any]]:
+        """The module's Hessian residual as signed factors (none for the GGN)."""
+        if not self.residuals:
+            return []
+        return call.rule.residual_factors(call.module, call.io, call.g)
 
     @staticmethod
     def accumulate(old: dict, new: dict) -> dict:

@@ -7,10 +7,13 @@ residuals), of the Hessian (with the curved layers' residuals, plus ``(sum_k g_k
 dtheta2) mat`` where the module's output is curved in ``theta`` itself) or of the
 positive-curvature Hessian (residuals' negative parts dropped, ``'clip'``, or counted positive,
 ``'abs'``; where the output is curved in ``theta`` itself, that residual's eigenvalues alike).
+HMP and PCHMP apply the elementwise layers' residuals lazily (``lazy``): memory linear in the
+activations. ``f`` also takes one vector ``[*theta] -> [*theta]``; other shapes raise.
 
-A closure holds the module, its detached forward record and the factors (and, for HMP on a
-module curved in its parameters, the detached output gradient), nothing else: it stays valid
-after later backward passes and keeps no autograd graph alive.
+A closure holds the module, its detached forward record, copies of the factors and the lazy
+residuals (records and residual diagonals of the modules downstream; and, for HMP on a module
+curved in its parameters, the detached output gradient), nothing else: it stays valid after
+later backward passes and keeps no autograd graph alive.
 """
 
 from __future__ import annotations
@@ -33,33 +36,76 @@ from backpack.extensions.secondorder.base import (
     _couple,
     _is_coupled,
 )
+from backpack.extensions.secondorder.lazy import LAZY, LazyStream, lazy_product
 
 
-def block_product(module: Module, rule: Rule, calls: list[tuple[IO, dict]], name: str) -> Callable:
-    """``mat [V, *theta] -> J^T (sum_k sign_k S_k S_k^T) J mat [V, *theta]``, summed over the
-    batch, for the signed factors ``terms = {origin: (sign, S_k [c_k, n, *out])}``, per sample
-    or (coupled origins, after BatchNorm with batch statistics) spanning the whole batch.
+def block_product(
+    module: Module,
+    rule: Rule,
+    calls: list[tuple[IO, dict]],
+    name: str,
+    modify: Callable[[Tensor], Tensor] | None = None,
+) -> Callable:
+    """``mat [V, *theta] -> J^T C J mat [V, *theta]``, summed over the batch, for the
+    curvature ``C`` of the module's output: the signed factors ``terms = {origin: (sign, S_k
+    [c_k, n, *out])}`` give ``sum_k sign_k S_k S_k^T``, per sample or (coupled origins, after
+    BatchNorm with batch statistics) spanning the whole batch; ``terms[LAZY]`` adds the lazy
+    residuals of the elementwise layers (their diagonals through ``modify``, see ``lazy``).
 
     ``calls``: ``(io, terms)`` of each call of the module (several where it is called several
     times in one forward): then ``J = sum_c J_c``; an origin's columns are the same columns in
     every call (zero in a call it does not reach)."""
     calls = _couple_across_calls(calls)
+    lazies = [terms.get(LAZY, (1.0, None))[1] for _, terms in calls]
+    columns = _columns([{o: t for o, t in terms.items() if o != LAZY} for _, terms in calls])
+    # the detached records, factors and lazy residuals, nothing else (no cache, no graph)
+    records = [(io.inputs, io.output, io.kwargs) for io, _ in calls]
+
+    def product(mat: Tensor) -> Tensor:
+        with torch.no_grad():
+            fresh = [IO(*record) for record in records]  # own memo: not the backward's
+            jmats = [rule.param_jac_mat_prod(module, io, mat, name) for io in fresh]
+            backs = [0 for _ in fresh]  # [V, n, *out] per call: C J mat
+            if columns is not None:
+                # per-sample columns act on their own sample (block-diagonal over the batch),
+                # coupled columns on the whole batch (their coefficient sums over n)
+                stacked, signs, coupled = columns
+                coef = 0
+                for f, jmat in zip(stacked, jmats):
+                    coef = coef + torch.einsum("cnk,vnk->cnv", f.flatten(2), jmat.flatten(2))
+                coef = coef * signs[:, None, None]
+                coef = torch.where(coupled, coef.sum(1, keepdim=True), coef)
+                for c, (f, jmat) in enumerate(zip(stacked, jmats)):
+                    back = torch.einsum("cnv,cnk->vnk", coef, f.flatten(2))
+                    backs[c] = back.view_as(jmat)
+            starts = [(lazy, jmat) for lazy, jmat in zip(lazies, jmats) if lazy is not None]
+            if starts:
+                extra = iter(lazy_product(starts, modify))
+                backs = [b if lz is None else b + next(extra) for b, lz in zip(backs, lazies)]
+            return sum(
+                rule.param_jac_t_mat_prod(module, io, back, name, sum_batch=True)
+                for io, back in zip(fresh, backs)
+                if not isinstance(back, int)
+            )
+
+    return product
+
+
+def _columns(calls: list[dict]) -> tuple[list[Tensor], Tensor, Tensor] | None:
+    """The signed factors of each call stacked ``[c, n, *out]`` (zero for origins a call does
+    not reach), the columns' signs ``[c]`` and whether they are coupled ``[c, 1, 1]``; None
+    without factors. Copies: a factor may carry its autograd node (``_OWNER``), which would
+    keep the graph, and with it the model, alive in a cycle through autograd."""
     origins: dict = {}  # origin -> (sign, number of columns)
-    for _, terms in calls:
+    for terms in calls:
         origins.update({o: (s, m.shape[0]) for o, (s, m) in terms.items()})
-    ref = next(m for _, terms in calls for _, m in terms.values())
-    signs = torch.cat(
-        [
-            torch.full((c,), float(s), dtype=ref.dtype, device=ref.device)
-            for s, c in origins.values()
-        ]
-    )
-    coupled = torch.cat(
-        [torch.full((c, 1, 1), _is_coupled(o), device=ref.device) for o, (_, c) in origins.items()]
-    )
+    ref = next((m for terms in calls for _, m in terms.values()), None)
+    if ref is None:
+        return None
+    signs = [torch.full((c,), float(s), dtype=ref.dtype) for s, c in origins.values()]
+    coupled = [torch.full((c, 1, 1), _is_coupled(o)) for o, (_, c) in origins.items()]
 
     def stacked(terms: dict) -> Tensor:
-        """``[c, n, *out]``: the call's columns, zero for origins it does not reach."""
         shape = next(iter(terms.values()))[1].shape[1:]
         return torch.cat(
             [
@@ -68,27 +114,8 @@ def block_product(module: Module, rule: Rule, calls: list[tuple[IO, dict]], name
             ]
         )
 
-    # the detached records and factors, nothing else (no cache, no graph)
-    records = [((io.inputs, io.output, io.kwargs), stacked(terms)) for io, terms in calls]
-
-    def product(mat: Tensor) -> Tensor:
-        total = 0
-        with torch.no_grad():
-            fresh = [(IO(*record), f) for record, f in records]  # own memo: not the backward's
-            # per-sample columns act on their own sample (block-diagonal over the batch),
-            # coupled columns on the whole batch (their coefficient sums over n)
-            coef = 0
-            for io, f in fresh:
-                jmat = rule.param_jac_mat_prod(module, io, mat, name).flatten(2)  # [V, n, k]
-                coef = coef + torch.einsum("cnk,vnk->cnv", f.flatten(2), jmat)
-            coef = coef * signs[:, None, None]
-            coef = torch.where(coupled, coef.sum(1, keepdim=True), coef)
-            for io, f in fresh:
-                back = torch.einsum("cnv,cnk->vnk", coef, f.flatten(2)).view(-1, *f.shape[1:])
-                total = total + rule.param_jac_t_mat_prod(module, io, back, name, sum_batch=True)
-        return total
-
-    return product
+    device = ref.device
+    return [stacked(t) for t in calls], torch.cat(signs).to(device), torch.cat(coupled).to(device)
 
 
 def _couple_across_calls(calls: list[tuple[IO, dict]]) -> list[tuple[IO, dict]]:
@@ -115,19 +142,25 @@ class _CurvMatProd(SecondOrderExtension):
 
     def __init__(self, savefield: str, residuals: bool):
         super().__init__(savefield)
-        self.stream = Stream(residuals=residuals)
+        self.stream = LazyStream() if residuals else Stream()
 
     def modify(self, terms: dict) -> dict:
         """The signed factors whose curvature the product uses (all of them by default)."""
         return terms
+
+    def modify_diag(self, diag: Tensor) -> Tensor:
+        """An elementwise layer's residual diagonal as the product uses it (unchanged)."""
+        return diag
 
     def own(self, call: Call, io: IO, name: str) -> Callable | None:
         """The product with the parameter's own Hessian residual (HMP), None to leave it out."""
         return None
 
     def param_value(self, call: Call, io: Any, terms: dict, name: str) -> Callable:
-        product = block_product(call.module, call.rule, [(io, self.modify(terms))], name)
-        return _plus(product, [self.own(call, io, name)])
+        calls = [(io, self.modify(terms))]
+        product = block_product(call.module, call.rule, calls, name, self.modify_diag)
+        param = dict(call.params())[name]
+        return self.checked(_plus(product, [self.own(call, io, name)]), call.module, name, param)
 
     def add_pieces(self, call: Call, io: Any, terms: dict, name: str, pieces: Pieces) -> None:
         """Keep each call's record and factors: the product needs ``sum_c J_c`` on both sides;
@@ -155,9 +188,30 @@ class _CurvMatProd(SecondOrderExtension):
 
     def finish_value(self, pieces: Pieces, name: str) -> Callable:
         calls = pieces.sums[("calls", self.savefield, name)]
-        product = block_product(pieces.module, pieces.rule, [c[:2] for c in calls], name)
+        module = pieces.module
+        product = block_product(module, pieces.rule, [c[:2] for c in calls], name, self.modify_diag)
         mixed = pieces.sums.get(("mixed", self.savefield, name))
-        return _plus(product, [c[2] for c in calls] + [self.dense(mixed)])
+        product = _plus(product, [c[2] for c in calls] + [self.dense(mixed)])
+        return self.checked(product, module, name, dict(pieces.params)[name])
+
+    def checked(self, product: Callable, module: Module, name: str, param: Tensor) -> Callable:
+        """``product`` on ``[V, *P]``, also taking one vector ``[*P]`` (returning ``[*P]``);
+        any other shape raises."""
+        shape = tuple(param.shape)
+
+        def apply(mat: Tensor) -> Tensor:
+            if isinstance(mat, Tensor) and tuple(mat.shape) == shape:
+                return product(mat.unsqueeze(0))[0]
+            if isinstance(mat, Tensor) and tuple(mat.shape[1:]) == shape and mat.dim() > 0:
+                return product(mat)
+            got = list(mat.shape) if isinstance(mat, Tensor) else type(mat).__name__
+            raise ValueError(
+                f"{type(self).__name__} ('{self.savefield}') of parameter {name!r} of {module}: "
+                f"mat must have the parameter's shape [*P] = {list(shape)} or [V, *P] = "
+                f"{['V', *shape]}, got {got}."
+            )
+
+        return apply
 
     def dense(self, block: Tensor | None) -> Callable | None:
         """The product with a dense ``[P, P]`` residual block (None: none)."""
@@ -254,6 +308,11 @@ class PCHMP(_CurvMatProd):
                 "or GGNMP, or freeze the parameter."
             )
         return None
+
+    def modify_diag(self, diag: Tensor) -> Tensor:
+        """An elementwise layer's residual diagonal clipped at 0 or made absolute (its
+        eigenvalues: exact, elementwise)."""
+        return diag.clamp(min=0) if self.modify_name == "clip" else diag.abs()
 
     def dense(self, block: Tensor | None) -> Callable | None:
         """A dense residual block with its eigenvalues clipped at 0 or made absolute."""
