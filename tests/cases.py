@@ -482,6 +482,19 @@ SECOND_ORDER_GAPS: dict[str, str] = {
 }
 
 
+def params(problems: list[Problem], core: Callable[[Problem], bool]) -> list:
+    """``problems`` as pytest params with their ids; those not ``core`` are marked ``slow``."""
+    return [pytest.param(p, id=p.id, marks=() if core(p) else pytest.mark.slow) for p in problems]
+
+
+def one_loss_each(p: Problem) -> bool:
+    """One loss per (reduction, N), rotating over the cases: every case meets two losses and both
+    reductions, every loss every family of layers (the loss's root is tested on its own in
+    test_losses.py; crossing it with every layer repeats the same code)."""
+    shift = {("mean", 3): 0, ("sum", 1): 1}.get((p.reduction, p.n), 2)
+    return p.loss == list(LOSSES)[(len(p.case.name) + shift) % len(LOSSES)]
+
+
 def problems(cases: list[LayerCase] = LAYER_CASES) -> list[Problem]:
     """Every case x loss x reduction x N in {1, 3}."""
     return [

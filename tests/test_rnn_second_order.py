@@ -1,5 +1,9 @@
 """Second-order extensions through ``nn.RNN``/``nn.LSTM``/``nn.GRU`` (sequence output) against
-oracles."""
+oracles.
+
+The diagonals and square roots of every recurrent case, against the oracles, are in
+test_secondorder.py and test_sqrt_ggn.py (the shared problem list); here: what is particular
+to recurrences."""
 
 from __future__ import annotations
 
@@ -13,29 +17,16 @@ from backpack.derivatives.base import IO, rule_for
 from backpack.extensions import (
     BatchDiagGGNExact,
     BatchDiagGGNMC,
-    BatchDiagHessian,
     DiagGGNExact,
     DiagGGNMC,
     DiagHessian,
-    SqrtGGNExact,
     SqrtGGNMC,
 )
 from tests.cases import LAYER_CASES, problems
-from tests.oracles import ggn_block, ggn_diag, hessian_diag
+from tests.oracles import ggn_diag, hessian_diag
 
 RNN_CASES = [c for c in LAYER_CASES if c.name.endswith("-bf-seq")]
 PROBLEMS = [p for p in problems(RNN_CASES) if (p.reduction, p.n) in {("mean", 3), ("sum", 1)}]
-
-
-@pytest.mark.parametrize("problem", PROBLEMS, ids=lambda p: p.id)
-def test_ggn_exact_matches_oracles(problem):
-    model, lossfunc, x, y = problem.run([DiagGGNExact(), BatchDiagGGNExact(), SqrtGGNExact()])
-    ggn_n = ggn_diag(model, lossfunc, x, y, per_sample=True)
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(p.diag_ggn_exact, ggn_n[name].sum(0))
-        torch.testing.assert_close(p.diag_ggn_exact_batch, ggn_n[name])
-        flat = p.sqrt_ggn_exact.reshape(-1, p.numel())
-        torch.testing.assert_close(flat.T @ flat, ggn_block(model, lossfunc, x, y, name))
 
 
 MC_PROBLEMS = [p for p in PROBLEMS if p.loss == "ce" and p.n == 3]
@@ -89,16 +80,6 @@ def test_time_major_layout(cls):
     xl = x.clone().requires_grad_()
     (ref,) = torch.autograd.grad(bf(xl)[0], xl, mat[3])
     torch.testing.assert_close(jac_bf[3], ref)
-
-
-@pytest.mark.parametrize("problem", PROBLEMS, ids=lambda p: p.id)
-def test_diag_hessian_matches_oracle(problem):
-    """Second derivatives inside the recurrence: residuals w.r.t. the input and the weights."""
-    model, lossfunc, x, y = problem.run([DiagHessian(), BatchDiagHessian()])
-    hess_n = hessian_diag(model, lossfunc, x, y, per_sample=True)
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(p.diag_h, hess_n[name].sum(0))
-        torch.testing.assert_close(p.diag_h_batch, hess_n[name])
 
 
 def test_diag_hessian_through_inner_lstm():

@@ -14,10 +14,19 @@ from backpack.extensions import (
     DiagGGNMC,
     DiagHessian,
 )
-from tests.cases import CHAIN_CASES, DEVICES, LAYER_CASES, SECOND_ORDER_GAPS, problems
+from tests.cases import (
+    CHAIN_CASES,
+    DEVICES,
+    LAYER_CASES,
+    SECOND_ORDER_GAPS,
+    one_loss_each,
+    params,
+    problems,
+)
 from tests.oracles import ggn_diag, hessian_diag
 
-# every case and loss; reduction and batch size in two combinations (mean N=3, sum N=1)
+# every case and loss; reduction and batch size in two combinations (mean N=3, sum N=1); by
+# default two losses per case (the rest: --runslow)
 PROBLEMS = [
     p
     for p in problems(LAYER_CASES + CHAIN_CASES)
@@ -26,7 +35,7 @@ PROBLEMS = [
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("problem", PROBLEMS, ids=lambda p: p.id)
+@pytest.mark.parametrize("problem", params(PROBLEMS, one_loss_each))
 def test_diagonals_match_oracles(problem, device):
     problem.skip_gaps(SECOND_ORDER_GAPS)
     exts = [DiagGGNExact(), BatchDiagGGNExact(), DiagHessian(), BatchDiagHessian()]
