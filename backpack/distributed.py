@@ -41,7 +41,10 @@ from torch import Tensor
 from torch.nn import Parameter
 from torch.utils._pytree import tree_flatten
 
-from backpack.extensions.base import BackpropExtension, Call
+import backpack._torch_private as _tp
+from backpack.engine.call import Call
+from backpack.engine.reuse import Pieces
+from backpack.extensions.base import BackpropExtension
 from backpack.extensions.firstorder import (
     BatchGrad,
     BatchL2Grad,
@@ -49,7 +52,6 @@ from backpack.extensions.firstorder import (
     Variance,
     _batch_size,
 )
-from backpack.extensions.reuse import Pieces
 from backpack.extensions.secondorder.dense import DenseStream
 from backpack.extensions.secondorder.diag_ggn import (
     BatchDiagGGNExact,
@@ -171,11 +173,10 @@ class SyncObserver(BackpropExtension):
         self._task, self._pass = None, _Pass()
 
     def run(self, call: Call) -> None:
-        task = torch._C._current_graph_task_id()
+        task = _tp.graph_task_id()
         if task != self._task:  # first module of a backward pass: aggregate at its end
             self._task, self._pass = task, _Pass()
-            queue = torch.autograd.Variable._execution_engine.queue_callback
-            queue(partial(self._aggregate, self._pass))
+            _tp.queue_at_backward_end(partial(self._aggregate, self._pass))
         rec, rule = self._pass, call.rule
         if getattr(rule, "is_loss", False):
             reduction = getattr(call.module, "reduction", "sum")
@@ -203,7 +204,7 @@ class SyncObserver(BackpropExtension):
         """The end of the backward pass: every quantity of ``rec``'s parameters, aggregated."""
         if rec.shared:  # after the engine's callback storing the shared modules' quantities
             rec.shared = False
-            torch.autograd.Variable._execution_engine.queue_callback(partial(self._aggregate, rec))
+            _tp.queue_at_backward_end(partial(self._aggregate, rec))
             return
         norm = rec.normaliser()
         values = [

@@ -27,7 +27,7 @@ from backpack.custom_module.scale_module import ScaleModule
 from backpack.custom_module.shape import Concat, Reshape
 from backpack.custom_module.slicing import Slicing
 from backpack.custom_module.transformer import convert_transformer  # noqa: F401 (registers)
-from backpack.derivatives.base import rule_for
+from backpack.registry import rule_for
 
 _ACTIVATIONS: dict[Any, type[nn.Module]] = {
     torch.relu: nn.ReLU, F.relu: nn.ReLU, "relu": nn.ReLU, "relu_": nn.ReLU,

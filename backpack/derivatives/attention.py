@@ -25,8 +25,9 @@ from backpack.derivatives.autograd import (
     param_residual_mat_prod_autograd,
     residual_factors_autograd,
 )
-from backpack.derivatives.base import IO, Rule, register
+from backpack.derivatives.base import IO, Rule
 from backpack.derivatives.linear import LinearRule
+from backpack.registry import register
 
 _ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask")
 _DEFAULTS = {"need_weights": True, "average_attn_weights": True}

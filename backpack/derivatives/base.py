@@ -1,4 +1,4 @@
-"""Rules: the Jacobian-product math of one module type, and the registry that maps types to rules.
+"""Rules: the Jacobian-product math of one module type (``backpack.registry`` maps types to rules).
 
 Shape letters, used in docstrings and einsum strings throughout the package:
     v  vector axis (columns of a backpropagated matrix; 1 for a plain gradient)
@@ -207,35 +207,6 @@ class LossRule(Rule):
         """An exact factor with as few columns as the rule can give (same ``S S^T``; the
         columns need not be ``sqrt_hessian``'s): what flows when no extension stores them."""
         return self.sqrt_hessian(module, io)
-
-
-_RULES: dict[type, Rule] = {}
-
-
-def register(*module_types: type):
-    """Class decorator: use (an instance of) this rule for exactly these module types.
-
-    Users register rules for their own layers the same way; a later registration wins.
-    """
-
-    def deco(cls: type[Rule]) -> type[Rule]:
-        for t in module_types:
-            _RULES[t] = cls()
-        return cls
-
-    return deco
-
-
-def rule_for(module: Module) -> Rule | None:
-    """The rule registered for ``type(module)`` (exact type match); else the automatic rule
-    from ``torch.func`` for losses, leaves and modules with parameters of their own
-    (``backpack.derivatives.automatic``); else None (containers)."""
-    rule = _RULES.get(type(module))
-    if rule is None:
-        from backpack.derivatives.automatic import automatic_rule  # it imports this module
-
-        rule = automatic_rule(module)
-    return rule
 
 
 def diag_columns(root: Tensor) -> Tensor:

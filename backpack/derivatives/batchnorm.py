@@ -21,8 +21,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from backpack._context import STATE
-from backpack.derivatives.base import IO, Rule, dense_factors, register
+from backpack._state import STATE
+from backpack.derivatives.base import IO, Rule, dense_factors
+from backpack.registry import register
 from backpack.utils.errors import batch_norm_raise_error_if_train, uses_batch_statistics
 
 # extensions whose quantity is a whole-batch curvature, well defined when samples couple

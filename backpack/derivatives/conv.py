@@ -11,8 +11,9 @@ from typing import Any
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
-from backpack.derivatives.base import IO, register
+from backpack.derivatives.base import IO
 from backpack.derivatives.linear_form import LinearFormRule
+from backpack.registry import register
 from backpack.utils import workspace
 from backpack.utils.conv import (
     get_conv_function,

@@ -10,8 +10,9 @@ from backpack.custom_module.pad import Pad
 from backpack.custom_module.scale_module import ScaleModule
 from backpack.custom_module.shape import Concat, Reshape
 from backpack.custom_module.slicing import Slicing
-from backpack.derivatives.base import IO, Rule, register
+from backpack.derivatives.base import IO, Rule
 from backpack.derivatives.shape_ops import LinearOpRule, ReshapeRule
+from backpack.registry import register
 
 
 @register(SumModule)

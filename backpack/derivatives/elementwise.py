@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn import Module
 
-from backpack.derivatives.base import IO, Rule, register
+from backpack.derivatives.base import IO, Rule
+from backpack.registry import register
 
 Derivative = Callable[[Module, Tensor, "Tensor | None"], "Tensor | float"]
 

@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from backpack.derivatives.base import IO, LossRule, diag_columns, register
+from backpack.derivatives.base import IO, LossRule, diag_columns
+from backpack.registry import register
 
 
 class _Loss(LossRule):

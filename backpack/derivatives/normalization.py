@@ -14,7 +14,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, jacfwd, vmap
 
-from backpack.derivatives.base import IO, Rule, blockwise_factors, register
+from backpack.derivatives.base import IO, Rule, blockwise_factors
+from backpack.registry import register
 
 
 class _NormRule(Rule):

@@ -26,7 +26,8 @@ from backpack.derivatives.autograd import (
     param_residual_mat_prod_autograd,
     residual_factors_autograd,
 )
-from backpack.derivatives.base import IO, Rule, chunks, register
+from backpack.derivatives.base import IO, Rule, chunks
+from backpack.registry import register
 
 Factors = dict[str, tuple[Tensor, Tensor | None]]  # param name -> (delta b, activation a | None)
 

@@ -12,7 +12,8 @@ from torch.func import vjp
 from torch.nn import Module
 
 from backpack.custom_module.permute import Permute
-from backpack.derivatives.base import IO, Rule, register
+from backpack.derivatives.base import IO, Rule
+from backpack.registry import register
 
 
 class LinearOpRule(Rule):

@@ -7,15 +7,15 @@ with ``reduction='mean'`` each carries the loss's ``1/N``.
 
 from __future__ import annotations
 
-import sys
-
 import torch
 from torch import Tensor
 from torch.nn import Module
 
+import backpack._torch_private as _tp
 from backpack.derivatives.base import IO, Rule
-from backpack.extensions.base import BackpropExtension, Call
-from backpack.extensions.reuse import Pieces
+from backpack.engine.call import Call
+from backpack.engine.reuse import Pieces
+from backpack.extensions.base import BackpropExtension
 
 
 class FirstOrderExtension(BackpropExtension):
@@ -87,9 +87,9 @@ class BatchGrad(FirstOrderExtension):
             and old.dtype == param.dtype
             and old.device == param.device
             and old.is_contiguous()
-            and old._base is None
-            and sys.getrefcount(old) == 3  # param.__dict__, ``old``, the call's argument
-            and torch._C._storage_Use_Count(old.untyped_storage()._cdata) <= 2
+            and _tp.view_base(old) is None
+            and _tp.refcount(old) == 3  # param.__dict__, ``old``, the call's argument
+            and _tp.storage_use_count(old.untyped_storage()) <= 2
         )
         return rule.batch_grad(module, io, g, name, out=old if reuse else None)
 

@@ -27,15 +27,11 @@ from torch.nn import Module
 from torch.utils._pytree import tree_map
 
 from backpack.derivatives.base import IO, Rule
-from backpack.extensions.base import Call
-from backpack.extensions.reuse import Pieces
-from backpack.extensions.secondorder.base import (
-    COUPLED,
-    SecondOrderExtension,
-    Stream,
-    _couple,
-    _is_coupled,
-)
+from backpack.engine.call import Call
+from backpack.engine.factors import COUPLED, _couple, _is_coupled
+from backpack.engine.reuse import Pieces
+from backpack.engine.streams import Stream
+from backpack.extensions.secondorder.base import SecondOrderExtension
 from backpack.extensions.secondorder.lazy import LAZY, LazyStream, lazy_product
 
 

@@ -11,8 +11,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from backpack._state import STATE
 from backpack.derivatives.base import chunks
-from backpack.extensions.base import Call
+from backpack.engine.call import Call
 
 
 @dataclass(frozen=True)
@@ -163,8 +164,6 @@ class DenseStream:
 def _crosses() -> dict:
     """The cross blocks of the current ``backpack`` block: ``(path a, path b) -> [D_a, D_b]``
     (both orientations)."""
-    from backpack._context import STATE  # it imports the extensions
-
     return STATE.flowing.setdefault(("kfra_crosses",), {})
 
 

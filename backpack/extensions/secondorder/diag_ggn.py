@@ -6,7 +6,8 @@ Hessian (exact: ``c`` columns; MC: ``mc_samples`` sampled columns scaled by ``1/
 
 from __future__ import annotations
 
-from backpack.extensions.secondorder.base import SecondOrderExtension, Stream, mc_draws
+from backpack.engine.streams import Stream, mc_draws
+from backpack.extensions.secondorder.base import SecondOrderExtension
 
 
 class _DiagGGN(SecondOrderExtension):

@@ -9,9 +9,10 @@ import torch
 from torch import Tensor
 
 from backpack.derivatives.base import chunks
-from backpack.extensions.base import Call
-from backpack.extensions.reuse import Pieces
-from backpack.extensions.secondorder.base import SecondOrderExtension, Stream
+from backpack.engine.call import Call
+from backpack.engine.reuse import Pieces
+from backpack.engine.streams import Stream
+from backpack.extensions.secondorder.base import SecondOrderExtension
 
 
 class DiagHessian(SecondOrderExtension):

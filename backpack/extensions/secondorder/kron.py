@@ -56,9 +56,10 @@ from torch import Tensor
 from backpack.derivatives.conv import ConvFamilyRule, ConvRule
 from backpack.derivatives.conv_transpose import ConvTransposeRule, _full_size_gap
 from backpack.derivatives.linear_form import LinearFormRule
-from backpack.extensions.base import Call
-from backpack.extensions.reuse import Pieces
-from backpack.extensions.secondorder.base import SecondOrderExtension, _is_coupled
+from backpack.engine.call import Call
+from backpack.engine.factors import _is_coupled
+from backpack.engine.reuse import Pieces
+from backpack.extensions.secondorder.base import SecondOrderExtension
 from backpack.extensions.secondorder.dense import (
     Dense,
     DenseStream,

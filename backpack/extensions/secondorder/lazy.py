@@ -26,8 +26,8 @@ from torch import Tensor
 from torch.nn import Module
 
 from backpack.derivatives.base import IO, Rule
-from backpack.extensions.base import Call
-from backpack.extensions.secondorder.base import Stream
+from backpack.engine.call import Call
+from backpack.engine.streams import Stream
 
 LAZY = "lazy"  # key of the lazy part among a stream's signed factors (sign +1)
 

@@ -18,15 +18,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from backpack.extensions.base import Call
-from backpack.extensions.reuse import Pieces
-from backpack.extensions.secondorder.base import (
-    SecondOrderExtension,
-    Stream,
-    _coupled_error,
-    _is_coupled,
-    mc_draws,
-)
+from backpack.engine.call import Call
+from backpack.engine.factors import _is_coupled
+from backpack.engine.reuse import Pieces
+from backpack.engine.streams import Stream, mc_draws
+from backpack.extensions.secondorder.base import SecondOrderExtension, _coupled_error
 
 
 class _SqrtGGN(SecondOrderExtension):

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from backpack.extensions.base import Call
+from backpack.engine.call import Call
+from backpack.engine.reuse import Pieces
+from backpack.engine.streams import Stream
 from backpack.extensions.curvature import Curvature
-from backpack.extensions.reuse import Pieces
-from backpack.extensions.secondorder.base import Stream
 from backpack.extensions.secondorder.curvmatprod import _curved_in_params, positive_curvature
 from backpack.extensions.secondorder.dense import DenseStream
 from backpack.extensions.secondorder.hbp.hbp_options import (

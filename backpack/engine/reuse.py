@@ -28,8 +28,9 @@ from torch.func import grad, jvp, vmap
 from torch.nn import Module, Parameter
 from torch.utils._pytree import tree_flatten
 
+from backpack.derivatives.autograd import recorded, state_of
 from backpack.derivatives.base import IO, Rule
-from backpack.extensions.base import Call
+from backpack.engine.call import Call
 
 MIXED = "mixed"  # origin-key prefix of mixed second derivatives (``mixed_factors``)
 MIXED_BUDGET = 1 << 28  # entries of one parameter's mixed second derivatives
@@ -104,9 +105,6 @@ def mixed_factors(
     as the engine keys them (None where not differentiated), by forward-over-reverse
     ``torch.func`` (one tangent per entry ``p`` of the parameter, every sample at once); None
     where all vanish (a bias)."""
-    # imported here: the autograd rules import the engine's context, which imports this
-    from backpack.derivatives.autograd import recorded, state_of
-
     state = state_of(module)
     theta = state.pop(name)
     leaves, pos, forward = recorded(module, io)
