@@ -85,10 +85,11 @@ class backpack:  # noqa: N801 (BackPACK's public name)
         )
 
     def __enter__(self) -> backpack:
-        self.old = {k: getattr(STATE, k) for k in (*self.new, "flowing", "shared", "shared_task")}
+        per_block = ("flowing", "crosses", "shared", "shared_task")
+        self.old = {k: getattr(STATE, k) for k in (*self.new, *per_block)}
         for k, v in self.new.items():
             setattr(STATE, k, v)
-        STATE.flowing, STATE.shared, STATE.shared_task = {}, {}, -1
+        STATE.flowing, STATE.crosses, STATE.shared, STATE.shared_task = {}, {}, {}, -1
         return self
 
     def __exit__(self, *exc) -> None:

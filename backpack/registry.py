@@ -40,7 +40,11 @@ def register(*module_types: type) -> Callable[[type], type]:
 def rule_for(module: Module) -> Any:
     """The rule registered for ``type(module)`` (exact type match); else the fallback rule
     (``backpack.derivatives.automatic``: a ``torch.func`` rule for losses, leaves and modules
-    with parameters of their own, None for containers)."""
+    with parameters of their own, None for containers).
+
+    Returns:
+        The rule (a ``backpack.Rule``), or None for a container.
+    """
     rule = _RULES.get(type(module))
     return _FALLBACK[0](module) if rule is None else rule
 

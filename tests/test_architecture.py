@@ -4,6 +4,7 @@ no probing of rules for undeclared hooks (see docs/ARCHITECTURE.md)."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -100,3 +101,31 @@ def test_leaves_import_nothing_of_backpack():
     for leaf in ("backpack._state", "backpack._torch_private", "backpack.registry"):
         assert not GRAPH[leaf], f"{leaf} imports {GRAPH[leaf]}"
 
+
+def test_no_probing_of_rules():
+    """Every hook the engine or an extension asks of a rule is declared on ``Rule``."""
+    probe = re.compile(r"(getattr|hasattr)\(\s*(call\.)?rule\b")
+    found = [f"{p.relative_to(ROOT.parent)}:{i}" for p in ROOT.rglob("*.py")
+             for i, line in enumerate(p.read_text().splitlines(), 1) if probe.search(line)]  # fmt: skip
+    assert not found, "\n".join(found)
+
+
+def test_every_cache_key_is_documented():
+    """Each literal key of ``io.cache`` is listed, with producer and consumers, on ``IO``."""
+    from backpack.derivatives.base import IO
+
+    direct = re.compile(
+        r"""cache(?:\[|\.get\()\(?["']([A-Za-z_]+)["']|["']([A-Za-z_]+)["'] (?:not )?in \w*\.?io\.cache"""
+    )
+    named = re.compile(r"""key = \(["']([A-Za-z_]+)["']""")  # a key used on the next lines
+    found = set()
+    for p in ROOT.rglob("*.py"):
+        lines = p.read_text().splitlines()
+        for i, line in enumerate(lines):
+            found |= {next(g for g in m.groups() if g) for m in direct.finditer(line)}
+            m = named.search(line)
+            if m and any("cache" in later for later in lines[i + 1 : i + 3]):
+                found.add(m.group(1))
+    assert {"batch_grad", "kron_A", "stats"} <= found, "the patterns are stale"
+    missing = sorted(k for k in found if f'"{k}"' not in IO.__doc__)
+    assert not missing, f"io.cache keys without documentation on IO: {missing}"

@@ -47,6 +47,7 @@ class BackpackTracer(fx.Tracer):
     """Modules with a rule, and modules without children, are leaves."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        """Modules with a rule, and leaves, stay one node of the traced graph."""
         return rule_for(m) is not None or next(m.children(), None) is None
 
 

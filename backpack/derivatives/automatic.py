@@ -49,21 +49,21 @@ from backpack.derivatives.autograd import (
     split_samples,
     state_of,
 )
-from backpack.derivatives.base import IO, LossRule, Rule
+from backpack.derivatives.base import IO, LossRule, Request, Rule
 from backpack.registry import set_fallback
 
 # module -> names of its extended submodules its forward calls (found once, by a recompute)
 _CALLED: WeakKeyDictionary[Module, tuple[str, ...]] = WeakKeyDictionary()
 
 
-def warn_no_rule(module: Module, ext: Any, strict: bool, seen: set) -> None:
-    """Warn once per module type that ``module`` has no hand-written rule, so that ``ext`` uses
-    the automatic rule from ``torch.func`` (``backpack.derivatives.automatic``), a slower one.
+def warn_no_rule(module: Module, request: Request | None, strict: bool, seen: set) -> None:
+    """Warn once per module type that ``module`` has no hand-written rule, so that the extension
+    uses the automatic rule from ``torch.func`` (``backpack.derivatives.automatic``), a slower one.
 
     Raises:
         NotImplementedError: in strict mode (``backpack(..., strict=True)``, ``set_strict``).
     """
-    kind, ext_name = type(module).__name__, type(ext).__name__ if ext is not None else "backpack"
+    kind, ext_name = type(module).__name__, request.name if request is not None else "backpack"
     remedy = f"Register one with @backpack.register({kind}) on a Rule subclass"
     if strict:
         raise NotImplementedError(
@@ -173,12 +173,12 @@ class AutogradRule(Rule):
         called = _CALLED.get(module)
         return super().param_names(module) if called is None else _uncalled(module, called)
 
-    def check(self, module: Module, io: IO, extension: Any) -> None:
-        warn_no_rule(module, extension, is_strict(), STATE.warned)
+    def check(self, module: Module, io: IO, request: Request | None) -> None:
+        warn_no_rule(module, request, is_strict(), STATE.warned)
         called = _called_children(module, io)
-        if called and extension is not None and extension.expects_backpropagation_quantities():
+        if called and request is not None and request.second_order:
             raise NotImplementedError(
-                f"{type(extension).__name__}: {type(module).__name__} has no rule and its forward "
+                f"{request.name}: {type(module).__name__} has no rule and its forward "
                 f"calls the extended submodules {list(called)}: the automatic rule would "
                 "differentiate through them while they run their own rules. Register a rule "
                 f"with @backpack.register({type(module).__name__}), or move its own parameters "
@@ -302,8 +302,8 @@ class AutogradLossRule(AutogradRule, LossRule):
         """None: the loss ends the backward pass (its parameters, if any, get nothing)."""
         return []
 
-    def check(self, module: Module, io: IO, extension: Any) -> None:
-        super().check(module, io, extension)
+    def check(self, module: Module, io: IO, request: Request | None) -> None:
+        super().check(module, io, request)
         reduction = getattr(module, "reduction", "mean")
         scalar = io.output is None or io.output.numel() == 1
         if reduction not in ("mean", "sum") or not scalar:

@@ -10,7 +10,7 @@ from torch import Tensor
 from torch.nn import Module, Parameter
 
 import backpack._torch_private as _tp
-from backpack.derivatives.base import IO, Rule
+from backpack.derivatives.base import IO, Request, Rule
 
 # classes some extension instance has a ModuleExtension for: their calls keep the output
 HANDLED_TYPES: set[type] = set()
@@ -63,6 +63,7 @@ class Extension(Protocol):
     subsampling: list[int] | None
     stream: Any  # what flows backward (a ``Stream``); None: the output gradient only
     module_exts: dict[type, Any]  # set_module_extension handlers
+    request: Request  # what a rule's ``check`` learns of it
 
     def run(self, call: Call) -> None:
         """Compute and store the extension's quantities at one module call."""

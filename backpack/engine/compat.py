@@ -13,7 +13,7 @@ from torch import Tensor
 from torch.nn.modules.loss import _Loss
 
 from backpack.engine.call import HANDLED_TYPES, Call, Extension
-from backpack.engine.factors import _is_coupled
+from backpack.engine.factors import Factor, Origin
 from backpack.engine.streams import _missing, send
 
 
@@ -57,7 +57,7 @@ def _run_stream(call: Call, stream: Any, group: list, flowing: dict, pass_on: bo
         if not isinstance(call.module, _Loss):
             raise _missing(call, [e for e, _ in group])
         root = handler.backpropagate(ext, call.module, None, call.grads, None)
-        new = _per_input(call, {id(call.io): (1.0, root)})
+        new = _per_input(call, {Origin(id(call.io)): Factor(1.0, root)})
     else:
         for e, h in group:
             _store(call, e, h, value)
@@ -107,7 +107,7 @@ def _store(call: Call, ext: Extension, handler: Any, value: Any) -> None:
 
 def _by_sign(call: Call, ext: Extension, value: dict) -> list[tuple[float, Tensor]]:
     """Flowing factors ``{origin: (sign, S [v, n, *out])}`` concatenated along ``v`` per sign."""
-    if any(_is_coupled(origin) for origin in value):
+    if any(origin.coupled for origin in value):
         raise NotImplementedError(
             f"{type(ext).__name__}: a layer after {call.module} couples the samples (BatchNorm "
             "with batch statistics); its module extension gets per-sample factors only. Use "

@@ -27,16 +27,16 @@ from backpack.registry import rule_for
 _PENDING_KEYS: dict[Module, tuple] = {}  # in-place modules: input keys read before they run
 
 
-
-
-
-
 def _key(t: Any) -> tuple | None:
     """Identity of a tensor in the autograd graph: (producing node, output index).
 
     DistributedDataParallel passes the model's outputs through an identity (``_DDPSink``, with
     ``find_unused_parameters`` or ``static_graph``): the key is that of its input, output ``i``
-    being the sink's tensor input ``i``."""
+    being the sink's tensor input ``i``.
+
+    Returns:
+        ``(node, output index)``, or None for a tensor outside the graph.
+    """
     if isinstance(t, Tensor) and t.grad_fn is not None:
         if type(t.grad_fn) is _tp.DDP_SINK_NODE:
             return t.grad_fn.next_functions[t.output_nr]
@@ -83,13 +83,17 @@ def _bridge_identity_view(t: Tensor) -> None:
 def _pass_on(src: tuple, grads: tuple) -> None:
     flowing = STATE.flowing
     node = _tp.current_node()
-    for key in [k for k in flowing if len(k) == 3 and k[1] is node]:  # (stream, node, nr)
+    for key in [k for k in flowing if k[1] is node]:  # (stream, node, output index)
         send(flowing, key[0], (src,), [flowing.pop(key)])
 
 
 def _wants_hook(module: Module) -> bool:
     """Leaves, modules with a rule, and modules with parameters of their own are hooked: those
-    ``rule_for`` gives a (registered or automatic) rule."""
+    ``rule_for`` gives a (registered or automatic) rule.
+
+    Returns:
+        Whether ``extend`` hooks ``module``.
+    """
     return rule_for(module) is not None
 
 
@@ -103,6 +107,9 @@ def extend(module: Module, debug: bool = False, use_converter: bool = False) -> 
     Idempotent: a module that carries backpack's hook is skipped, whatever its
     ``_backpack_extend`` flag says (clients reset it and extend again); ``remove_hooks``
     (``backpack.context.CTX.remove_hooks()``) takes the hooks off.
+
+    Returns:
+        ``module`` itself, or its converted copy with ``use_converter=True``.
     """
     if use_converter:
         module = convert_module_to_backpack(module, debug)

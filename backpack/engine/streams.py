@@ -17,8 +17,8 @@ import torch
 from torch import Tensor
 
 from backpack.engine.call import Call, Extension
-from backpack.engine.factors import COUPLED, _couple, _is_coupled
-from backpack.engine.reuse import Pieces, is_mixed, start_mixed
+from backpack.engine.factors import RESIDUAL, Factor, Origin, couple
+from backpack.engine.reuse import Pieces, start_mixed
 from backpack.engine.watch import watch_gradients
 
 
@@ -58,9 +58,8 @@ class Stream:
             sampled = call.rule.sqrt_hessian_sampled
             roots = [sampled(call.module, call.io, self.mc_samples) for _ in range(self.draws)]
             root = roots[0] if self.draws == 1 else torch.cat(roots)  # [draws * m, n, *out]
-        tag = getattr(call.rule, "origin_tag", None)
-        origin = (tag, id(call.io)) if tag else id(call.io)
-        return {origin: (1.0, root if scale == 1.0 else root * scale**0.5)}
+        origin = Origin(id(call.io), tag=call.rule.origin_tag)
+        return {origin: Factor(1.0, root if scale == 1.0 else root * scale**0.5)}
 
     def propagate(self, call: Call, terms: dict) -> list[dict]:
         """The signed factors w.r.t. each input of the module (one dict per input)."""
@@ -69,19 +68,22 @@ class Stream:
         def put(origin: Any, sign: float, mats: Any) -> None:
             for i, m in enumerate(mats if isinstance(mats, tuple) else (mats,)):
                 if m is not None:
-                    outs[i][origin] = (sign, m)
+                    outs[i][origin] = Factor(sign, m)
 
-        couples = getattr(call.rule, "couples_samples", lambda _: False)(call.module)
+        couples = call.rule.couples_samples(call.module)
         for o, (s, m) in terms.items():
-            if couples and not _is_coupled(o):
-                o, m = _couple(o, m)
+            if couples and not o.coupled:
+                o, m = couple(o, m)
             put(o, s, _jac_t(call, m))
-        tag = getattr(call.rule, "closes_tag", None)
-        if tag and all(isinstance(o, tuple) and o[0] == tag for o in outs[0]):
-            return [{o[1]: t for o, t in outs[0].items()}]  # the loss already holds this residual
+        tag = call.rule.closes_tag
+        if tag and all(o.tag == tag and not o.coupled for o in outs[0]):
+            return [{o.untagged(): t for o, t in outs[0].items()}]  # the loss holds the residual
         for i, (sign, r) in enumerate(self.residual_factors(call)):
-            put((COUPLED, (id(call.io), i)) if couples else (id(call.io), i), sign, r)
+            put(Origin(id(call.io), i, RESIDUAL, coupled=couples), sign, r)
         return [o or None for o in outs]
+
+    def end(self, value: Any) -> None:
+        """A path reached the model's input with ``value`` (nothing to do here)."""
 
     def residual_factors(self, call: Call) -> list[tuple[float, Any]]:
         """The module's Hessian residual as signed factors (none for the GGN)."""
@@ -94,9 +96,9 @@ class Stream:
         merged = dict(old)
         for o, (s, m) in new.items():
             merged[o] = (s, merged[o][1] + m) if o in merged else (s, m)
-        for o in [o for o in merged if (COUPLED, o) in merged]:  # one origin, both forms: couple
+        for o in [o for o in merged if o.has_coupled_form_in(merged)]:  # both forms: couple
             s, m = merged.pop(o)
-            key, m = _couple(o, m)
+            key, m = couple(o, m)
             merged[key] = (s, merged[key][1] + m)
         return merged
 
@@ -139,7 +141,7 @@ def _subsample(call: Call, flowing: Any, idx: list[int] | None, stream: Any) -> 
     device = call.grads[0].device
     io, _ = call.rule.subsample(call.module, call.io, call.grads[0], idx)
     index = torch.tensor(idx, device=device)
-    draws = getattr(stream, "draws", 1)
+    draws = stream.draws
     if draws == 1:
         return io, {o: (s, m.index_select(1, index)) for o, (s, m) in flowing.items()}
     seen: Counter = Counter()
@@ -203,32 +205,30 @@ def run_streams(
         watch_gradients(call)
     for stream, group in groups.items():
         if call.rule.is_loss:  # the root: what flows into the loss's input
-            call.rule.check(call.module, call.io, group[0])
+            call.rule.check(call.module, call.io, group[0].request)
             # the loss's own columns where they are stored, or handed to set_module_extension
             # handlers (BackPACK 1.7's [C, N, *out] for cross-entropy); else the fewest
-            lean = not any(
-                getattr(e.stream, "stores_columns", False) or e.module_exts for e in group
-            )
+            lean = not any(e.stream.stores_columns or e.module_exts for e in group)
             new = [stream.start(call, _loss_scale(call), lean)]
         else:
             value = flowing.pop((stream, *call.out_key), None)
             if value is None:
                 raise _missing(call, group)
             mine = value
-            if getattr(stream, "residuals", False) and any(map(is_mixed, value)):
+            if stream.residuals and any(o.mixed for o in value):
                 # mixed second derivatives of a reused module belong to its calls only
-                mine = {o: t for o, t in value.items() if not is_mixed(o) or o[1] == id(pieces)}
+                mine = {o: t for o, t in value.items() if not o.mixed or o.source == id(pieces)}
             for ext in group:
                 if pieces is None:
                     ext.store(call, mine)
                 else:
                     ext.collect(call, pieces, mine)
             if not any(call.in_keys):  # the path ends here (the model's input)
-                getattr(stream, "end", lambda _: None)(value)
+                stream.end(value)
                 continue
             new = stream.propagate(call, value)
             new = new if isinstance(new, list) else [new]
-            if pieces is not None and getattr(stream, "residuals", False):
+            if pieces is not None and stream.residuals:
                 start_mixed(call, pieces, new)
         send(flowing, stream, call.in_keys, new)
 

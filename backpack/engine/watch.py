@@ -36,7 +36,6 @@ def watch_gradients(call: Call) -> None:
     if not params:
         return
 
-
     task = _tp.graph_task_id()  # the backward pass (a module may run twice in one)
     watched = STATE.watched
     if watched and watched.get("task") != task:  # left by a pass that raised before its end

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch.nn import Module
 
+from backpack.derivatives.base import Request
 from backpack.engine.call import HANDLED_TYPES, Call
 from backpack.extensions.module_extension import ModuleExtension
 
@@ -20,6 +21,9 @@ class BackpropExtension:
     """
 
     stream = None  # what flows backward (second-order extensions); None: output gradient only
+    # whether the quantity stays defined where samples couple (BatchNorm with batch
+    # statistics): whole-batch curvature does, per-sample quantities do not
+    accepts_coupled_samples = False
 
     def __init__(
         self,
@@ -67,6 +71,19 @@ class BackpropExtension:
     def expects_backpropagation_quantities(self) -> bool:
         """Whether the extension needs a quantity propagated backward through every layer."""
         return False
+
+    @property
+    def request(self) -> Request:
+        """What a rule's ``check`` learns of this extension."""
+        return Request(type(self).__name__, self.stream is not None, self.subsampling is not None)
+
+    def check_module(self, call: Call) -> None:
+        """Raise if this extension is undefined at the module of ``call`` (the rule's checks,
+        and coupled samples where the extension does not accept them)."""
+        rule = call.rule
+        rule.check(call.module, call.io, self.request)
+        if not self.accepts_coupled_samples and rule.couples_samples(call.module):
+            rule.refuse_coupled(call.module, self.request)
 
     def run(self, call: Call) -> None:
         """Compute and store this extension's quantities for the module of ``call``."""

@@ -1,11 +1,11 @@
-"""Memory for the largest tensors of a backward pass, kept for the next pass (CPU).
+"""Reusable memory for the largest tensors of a backward pass (CPU).
 
-On Linux, glibc serves every allocation over 32 MB by a fresh ``mmap`` and returns it to the
-system when it is freed, so each step page-faults such tensors afresh: on this project's 2-core
-machine, writing new memory costs about 0.5 ms per MB, several times writing kept memory. The
-curvature streams make tensors of ``c`` columns per sample (3C3D, DiagGGNExact: 231 MB behind the
-first conv). ``empty`` serves those from buffers kept here, one per size, reused once no tensor
-uses them any more (the storage's use count is this module's reference alone).
+Allocations above the C allocator's mmap threshold (glibc: at most 32 MB) get fresh pages from
+the system and return them when freed, so a tensor of that size page-faults afresh in every
+backward pass, and writing fresh pages costs several times writing mapped ones. The curvature
+streams make such tensors (``c`` columns per sample behind the first layers). ``empty`` serves
+them from buffers kept here, one per size, reused once no tensor uses them (the storage's use
+count is this module's reference alone).
 
 Bounds: a request drops the buffers no tensor uses that the last ``KEEP_PASSES`` backward passes
 asking for memory did not use, so what is kept is what the recent passes needed at once (several
@@ -61,7 +61,11 @@ def empty(shape: Sequence[int], like: Tensor) -> Tensor:
 def chunked(fn: Callable[[Tensor], Tensor], x: Tensor, shape: Sequence[int]) -> Tensor:
     """``fn(x)`` of ``shape``, for ``fn`` acting on each entry of the leading axis alike (an op
     without ``out=``, as a transposed convolution): a result that ``empty`` keeps is written
-    into its buffer chunk by chunk, each chunk's own result small enough to be reused memory."""
+    into its buffer chunk by chunk, each chunk's own result small enough to be reused memory.
+
+    Returns:
+        ``fn(x)``, of ``shape``.
+    """
     per_entry = math.prod(shape[1:]) * x.element_size()
     if not _kept(shape[0] * per_entry, x):
         return fn(x)

@@ -7,8 +7,7 @@ from typing import Any
 from torch import Tensor
 
 from backpack.engine.call import Call
-from backpack.engine.factors import COUPLED, _is_coupled
-from backpack.engine.reuse import Pieces, is_mixed
+from backpack.engine.reuse import Pieces
 from backpack.engine.streams import _subsample
 from backpack.extensions.base import BackpropExtension
 
@@ -17,6 +16,7 @@ class SecondOrderExtension(BackpropExtension):
     """An extension storing, per parameter, a reduction of what its stream brings to a module."""
 
     def expects_backpropagation_quantities(self) -> bool:
+        """Second-order extensions backpropagate factors of the loss Hessian."""
         return True
 
     sum_batch = True
@@ -24,11 +24,15 @@ class SecondOrderExtension(BackpropExtension):
     def param_value(self, call: Call, io: Any, terms: dict, name: str) -> Tensor:
         """``sum_k sign_k diag(J^T S_k S_k^T J)`` for parameter ``name`` (per sample unless
         ``sum_batch``); ``io`` and ``terms`` possibly subsampled. Override for other reductions.
-        Coupled factors give ``sum_v (sum_n J_n^T S_vn)^2`` (whole batch only)."""
+        Coupled factors give ``sum_v (sum_n J_n^T S_vn)^2`` (whole batch only).
+
+        Returns:
+            ``[*param]`` (``[n, *param]`` unless ``sum_batch``).
+        """
         module, rule = call.module, call.rule
 
         def diag(origin: Any, mat: Tensor) -> Tensor:
-            if not _is_coupled(origin):
+            if not origin.coupled:
                 return rule.param_diag(module, io, mat, name, sum_batch=self.sum_batch)
             if not self.sum_batch or self.subsampling is not None:
                 raise _coupled_error(self, module)
@@ -37,7 +41,8 @@ class SecondOrderExtension(BackpropExtension):
         return sum(sign * diag(o, mat) for o, (sign, mat) in terms.items())
 
     def store(self, call: Call, flowing: Any) -> None:
-        call.rule.check(call.module, call.io, self)
+        """Store ``param_value`` of each parameter, from the factors ``flowing`` here."""
+        self.check_module(call)
         io, flowing = _subsample(call, flowing, self.subsampling, self.stream)
         for name, param in call.params():
             setattr(param, self.savefield, self.param_value(call, io, flowing, name))
@@ -45,11 +50,11 @@ class SecondOrderExtension(BackpropExtension):
     # a module called several times in one forward: ``collect`` per call, ``finish`` once
     def collect(self, call: Call, pieces: Pieces, flowing: Any) -> None:
         """Add one call's linear pieces (see ``add_pieces``, ``add_mixed``) to ``pieces``."""
-        call.rule.check(call.module, call.io, self)
+        self.check_module(call)
         io, flowing = _subsample(call, flowing, self.subsampling, self.stream)
-        mixed = {o: t for o, t in flowing.items() if is_mixed(o)}
+        mixed = {o: t for o, t in flowing.items() if o.mixed}
         if mixed:
-            flowing = {o: t for o, t in flowing.items() if not is_mixed(o)}
+            flowing = {o: t for o, t in flowing.items() if not o.mixed}
         for name, _ in call.params():
             self.add_pieces(call, io, flowing, name, pieces)
             if mixed:
@@ -78,7 +83,7 @@ class SecondOrderExtension(BackpropExtension):
         module, rule = call.module, call.rule
 
         def jac_t(origin: Any, mat: Tensor) -> Tensor:
-            coupled = _is_coupled(origin)
+            coupled = origin.coupled
             if coupled and (not self.sum_batch or self.subsampling is not None):
                 raise _coupled_error(self, module)
             return rule.param_jac_t_mat_prod(module, io, mat, name, sum_batch=coupled)
@@ -88,15 +93,19 @@ class SecondOrderExtension(BackpropExtension):
     def finish_value(self, pieces: Pieces, name: str) -> Tensor:
         """``sum_k sign_k sum_v V_kv ** 2`` (per sample unless ``sum_batch``) of the summed
         pieces; an origin that arrived coupled in one call and per sample in another is
-        coupled (column ``(v, m)``: ``V_vm`` on sample ``m``)."""
+        coupled (column ``(v, m)``: ``V_vm`` on sample ``m``).
+
+        Returns:
+            ``[*param]`` (``[n, *param]`` unless ``sum_batch``).
+        """
         terms = pieces.terms(self._jac_t_key(name))
-        for o in [o for o in terms if (COUPLED, o) in terms]:
+        for o in [o for o in terms if o.has_coupled_form_in(terms)]:
             sign, v = terms.pop(o)
-            terms[(COUPLED, o)] = (sign, terms[(COUPLED, o)][1] + v.flatten(0, 1))
+            terms[o.as_coupled()] = (sign, terms[o.as_coupled()][1] + v.flatten(0, 1))
         value = 0
         for o, (sign, v) in terms.items():
             squares = v.square().sum(0)
-            if self.sum_batch and not _is_coupled(o):
+            if self.sum_batch and not o.coupled:
                 squares = squares.sum(0)
             value = value + sign * squares
         return value

@@ -86,9 +86,11 @@ class HBP(KroneckerExtension):
         self.mc_samples = mc_samples
 
     def store(self, call: Call, flowing: Any) -> None:
+        """Store the factors from the square-root factors this curvature uses."""
         super().store(call, self._terms(call, flowing))
 
     def collect(self, call: Call, pieces: Pieces, flowing: Any) -> None:
+        """Add one call's pieces, from the square-root factors this curvature uses."""
         super().collect(call, pieces, self._terms(call, flowing))
 
     def _terms(self, call: Call, flowing: Any) -> Any:
