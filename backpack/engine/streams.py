@@ -24,8 +24,8 @@ from backpack.engine.watch import watch_gradients
 
 @dataclass(frozen=True)
 class Stream:
-    """Signed factors ``{origin: (sign, S [v, n, *out])}``; ``sum sign S S^T`` is the curvature
-    w.r.t. a module's output.
+    """What flows backward: ``Factors`` (``backpack.engine.factors``), ``sum sign S S^T`` the
+    curvature w.r.t. a module's output.
 
     Each loss is an origin with its exact (or, with ``mc_samples``, sampled) factor. Factors of one
     origin that reach a tensor along several paths are summed; different origins stay separate
@@ -34,9 +34,9 @@ class Stream:
     ``diag(f'' g)`` split into positive and negative parts).
 
     A factor's column lives on one sample (block-diagonal curvature) until a module whose rule
-    ``couples_samples`` (BatchNorm with batch statistics): there it is re-keyed ``(COUPLED,
-    origin)`` and expanded to ``[v * n, n, *out]`` so every column may span all samples; rules
-    map it unchanged (their ``v`` is arbitrary).
+    ``couples_samples`` (BatchNorm with batch statistics): there its origin becomes ``coupled``
+    and its factor is expanded to ``[v * n, n, *out]`` so every column may span all samples;
+    rules map it unchanged (their ``v`` is arbitrary).
     """
 
     mc_samples: int | None = None

@@ -166,7 +166,7 @@ class _CurvMatProd(SecondOrderExtension):
         pieces.sums.setdefault(("calls", self.savefield, name), []).append(entry)
 
     def add_mixed(self, call: Call, io: Any, mixed: dict, name: str, pieces: Pieces) -> None:
-        """The Hessian block between dependent calls (``backpack.extensions.reuse``): ``B +
+        """The Hessian block between dependent calls (``backpack.engine.reuse``): ``B +
         B^T`` with rows ``B[p] = J^T M_c[p]`` ``[P, P]`` for the mixed derivatives ``M_c``
         ``[P, n, *in]`` of downstream calls; GGNMP leaves it out."""
         mats = [m for o, (_, m) in mixed.items() if o.part[0] == name]  # part: (name, call)
