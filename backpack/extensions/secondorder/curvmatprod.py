@@ -28,6 +28,7 @@ from torch.utils._pytree import tree_map
 
 from backpack.derivatives.base import IO, Rule
 from backpack.engine.call import Call
+from backpack.engine.factors import couple
 from backpack.engine.reuse import Pieces
 from backpack.engine.streams import Stream
 from backpack.extensions.secondorder.base import SecondOrderExtension
@@ -121,7 +122,7 @@ def _couple_across_calls(calls: list[tuple[IO, dict]]) -> list[tuple[IO, dict]]:
     if not both:
         return calls
 
-    def couple(terms: dict) -> dict:
+    def coupled_terms(terms: dict) -> dict:
         out = {}
         for o, (s, m) in terms.items():
             if o in both:
@@ -129,7 +130,7 @@ def _couple_across_calls(calls: list[tuple[IO, dict]]) -> list[tuple[IO, dict]]:
             out[o] = (s, m)
         return out
 
-    return [(io, couple(terms)) for io, terms in calls]
+    return [(io, coupled_terms(terms)) for io, terms in calls]
 
 
 class _CurvMatProd(SecondOrderExtension):
