@@ -9,10 +9,12 @@ p.grad_batch  # [N, *p.shape]
 """
 
 from backpack import derivatives  # noqa: F401  (registers the built-in rules)
-from backpack._context import backpack, disable, set_strict
-from backpack._hooks import extend, memory_cleanup
+from backpack._context import backpack
+from backpack._state import disable, set_strict
 from backpack.custom_module.graph_utils import convert_module_to_backpack
-from backpack.derivatives.base import IO, Rule, register
+from backpack.derivatives.base import IO, Rule
+from backpack.engine.hooks import extend, memory_cleanup
+from backpack.registry import register
 
 __all__ = [
     "backpack",

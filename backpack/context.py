@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from backpack._context import STATE
-from backpack._hooks import remove_hooks
+from backpack._state import STATE
+from backpack.engine.hooks import remove_hooks
 from backpack.extensions.base import BackpropExtension
 
 

@@ -41,7 +41,10 @@ from torch import Tensor
 from torch.nn import Parameter
 from torch.utils._pytree import tree_flatten
 
-from backpack.extensions.base import BackpropExtension, Call
+import backpack._torch_private as _tp
+from backpack.engine.call import Call
+from backpack.engine.reuse import Pieces
+from backpack.extensions.base import BackpropExtension
 from backpack.extensions.firstorder import (
     BatchGrad,
     BatchL2Grad,
@@ -49,7 +52,6 @@ from backpack.extensions.firstorder import (
     Variance,
     _batch_size,
 )
-from backpack.extensions.reuse import Pieces
 from backpack.extensions.secondorder.dense import DenseStream
 from backpack.extensions.secondorder.diag_ggn import (
     BatchDiagGGNExact,
@@ -171,13 +173,13 @@ class SyncObserver(BackpropExtension):
         self._task, self._pass = None, _Pass()
 
     def run(self, call: Call) -> None:
-        task = torch._C._current_graph_task_id()
+        """Record this call's quantities for the aggregation at the end of the pass."""
+        task = _tp.graph_task_id()
         if task != self._task:  # first module of a backward pass: aggregate at its end
             self._task, self._pass = task, _Pass()
-            queue = torch.autograd.Variable._execution_engine.queue_callback
-            queue(partial(self._aggregate, self._pass))
+            _tp.queue_at_backward_end(partial(self._aggregate, self._pass))
         rec, rule = self._pass, call.rule
-        if getattr(rule, "is_loss", False):
+        if rule is not None and rule.is_loss:
             reduction = getattr(call.module, "reduction", "sum")
             norm = rule.normaliser(call.module, call.io) if reduction == "mean" else 1.0
             rec.losses.append((reduction, float(norm)))
@@ -203,7 +205,7 @@ class SyncObserver(BackpropExtension):
         """The end of the backward pass: every quantity of ``rec``'s parameters, aggregated."""
         if rec.shared:  # after the engine's callback storing the shared modules' quantities
             rec.shared = False
-            torch.autograd.Variable._execution_engine.queue_callback(partial(self._aggregate, rec))
+            _tp.queue_at_backward_end(partial(self._aggregate, rec))
             return
         norm = rec.normaliser()
         values = [
@@ -296,7 +298,11 @@ def _plan_kron(
     bucket: _Bucket, param: Parameter, field: str, value: list, info: list, m_r: float
 ) -> Any:
     """Add the factors of ``value`` to ``bucket`` (``A`` weighted by the batch size, ``G`` by
-    ``M_r``); return what stores them once reduced."""
+    ``M_r``); return what stores them once reduced.
+
+    Returns:
+        A function that stores the reduced factors on the parameter.
+    """
     rule, n_r = info[0], info[1]
     exact = len(value) == 1 and isinstance(value[0], Tensor)  # [G]: the exact block, no A
     a_at = -1 if exact else _a_at(rule)

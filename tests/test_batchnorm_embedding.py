@@ -14,8 +14,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from backpack import backpack, extend
-from backpack.derivatives.base import IO, rule_for
+from backpack.derivatives.base import IO
 from backpack.extensions import BatchGrad, BatchL2Grad, SumGradSquared, Variance
+from backpack.registry import rule_for
 from backpack.utils.errors import batch_norm_raise_error_if_train
 from tests.oracles import per_sample_grads
 

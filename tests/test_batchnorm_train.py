@@ -207,3 +207,28 @@ def test_kronecker_factors_raise(ext, frozen):
     with pytest.raises(NotImplementedError, match=match):
         with backpack(ext()):
             loss_fn(model(x), y).backward()
+
+
+def test_subclass_of_a_whole_batch_extension_passes_batchnorm():
+    """Whether an extension accepts coupled samples is its own property, inherited by a user's
+    subclass (the rule never looks at the extension's class name)."""
+
+    class MyDiagGGN(DiagGGNExact):
+        pass
+
+    torch.manual_seed(0)
+    model = extend(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).double())
+    lossfunc = extend(nn.CrossEntropyLoss())
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 2, (5,))
+    values = []
+    for ext in (DiagGGNExact(), MyDiagGGN()):
+        with backpack(ext):
+            lossfunc(model(x), y).backward()
+        values.append([p.diag_ggn_exact.clone() for p in model.parameters()])
+    for a, b in zip(*values):
+        torch.testing.assert_close(a, b)
+    with (
+        pytest.raises(NotImplementedError, match="BatchDiagGGNExact"),
+        backpack(BatchDiagGGNExact()),
+    ):
+        lossfunc(model(x), y).backward()

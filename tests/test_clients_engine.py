@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from backpack import backpack, extend, memory_cleanup
-from backpack._hooks import _forward_hook
 from backpack.context import CTX
 from backpack.custom_module.branching import SumModule
+from backpack.engine.hooks import _forward_hook
 from backpack.extensions import KFLR, KFRA, BatchGrad, DiagGGNExact
 from tests.oracles import ggn_diag
 

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, jvp, vjp, vmap
 
-from backpack.derivatives.base import IO, rule_for
+from backpack.derivatives.base import IO
+from backpack.registry import rule_for
 from tests.cases import DTYPE, LAYER_CASES, Problem
 
 V = 2

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from backpack import backpack, disable, extend
-from backpack._hooks import _Record
+from backpack.engine.record import _Record
 from backpack.extensions import BatchGrad, BatchL2Grad, SumGradSquared, Variance
 from tests.oracles import per_sample_grads
 

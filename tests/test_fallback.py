@@ -18,9 +18,9 @@ from torch.nn.modules.loss import _Loss
 from torch.utils._pytree import tree_flatten, tree_map
 
 from backpack import backpack, extend, set_strict
-from backpack._context import STATE
+from backpack._state import STATE
 from backpack.derivatives.automatic import AutogradLossRule, AutogradRule
-from backpack.derivatives.base import _RULES, IO, rule_for
+from backpack.derivatives.base import IO
 from backpack.extensions import (
     GGNMP,
     HMP,
@@ -34,6 +34,7 @@ from backpack.extensions import (
     SumGradSquared,
     Variance,
 )
+from backpack.registry import _RULES, rule_for
 from tests.cases import CHAIN_CASES, DTYPE, LAYER_CASES, LayerCase, Problem, _chain, problems
 from tests.oracles import ggn_block, ggn_diag, per_sample_grads
 from tests.test_firstorder import test_first_order_matches_vmap_grad as _first_order

@@ -10,7 +10,6 @@ from torch.func import functional_call
 
 from backpack import backpack, extend, register
 from backpack.custom_module.branching import SumModule
-from backpack.derivatives.base import rule_for
 from backpack.extensions import (
     GGNMP,
     HMP,
@@ -25,6 +24,7 @@ from backpack.extensions import (
     SumGradSquared,
     Variance,
 )
+from backpack.registry import rule_for
 from tests.oracles import ggn_block, ggn_diag, hessian_diag, per_sample_grads
 
 

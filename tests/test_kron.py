@@ -299,7 +299,7 @@ class _TwoInputs(nn.Module):
 def test_kfra_paths_ending_at_inputs_free_their_cross_blocks():
     """Batch size one: KFRA = KFLR; the cross blocks of paths that end at the model's inputs
     are dropped, so nothing accumulates over backward passes in one ``backpack`` block."""
-    from backpack._context import STATE
+    from backpack._state import STATE
 
     torch.manual_seed(0)
     model, lossfunc = _TwoInputs().to(D), nn.MSELoss()

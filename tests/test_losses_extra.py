@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from backpack.derivatives.base import IO, rule_for
+from backpack.derivatives.base import IO
+from backpack.registry import rule_for
 
 N, D = 4, 3
 _f = torch.float64

@@ -8,6 +8,7 @@ from torch import nn
 from torch.nn.modules.loss import _Loss
 
 from backpack import backpack, extend
+from backpack.engine.call import HANDLED_TYPES
 from backpack.extensions import (
     BackpropExtension,
     BatchGrad,
@@ -16,7 +17,6 @@ from backpack.extensions import (
     SqrtGGNExact,
     SumGradSquared,
 )
-from backpack.extensions.base import HANDLED_TYPES
 from backpack.extensions.firstorder.base import (
     FirstOrderBackpropExtension,
     FirstOrderModuleExtension,

@@ -9,7 +9,8 @@ from torch import nn
 from torch.func import jvp, vjp
 
 from backpack.custom_module.permute import Permute
-from backpack.derivatives.base import IO, rule_for
+from backpack.derivatives.base import IO
+from backpack.registry import rule_for
 
 V, N = 3, 2
 DTYPE = torch.float64

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-import backpack._hooks as hooks
+import backpack.engine.driver as hooks
 from backpack import backpack, extend
 from backpack.custom_module.slicing import Slicing
 from backpack.extensions import BatchGrad, DiagGGNExact

@@ -13,9 +13,9 @@ from torch import nn
 from torch.func import functional_call
 
 from backpack import backpack, extend
-from backpack._hooks import _Record
 from backpack.custom_module.branching import SumModule
 from backpack.custom_module.reduce_tuple import ReduceTuple
+from backpack.engine.record import _Record
 from backpack.extensions import (
     GGNMP,
     HMP,
@@ -343,7 +343,7 @@ class TwoViews(Siamese):
 def test_mixed_derivatives_only_where_a_call_depends_on_another(monkeypatch):
     """Parallel calls on a shared, differentiated input skip the mixed terms; chained calls
     beyond the memory budget raise."""
-    import backpack.extensions.reuse as reuse
+    import backpack.engine.reuse as reuse
 
     model, lossfunc, x, y = _problem(TwoViews)
     hess_n = hessian_diag(model, lossfunc, x, y, per_sample=True)

@@ -13,7 +13,7 @@ from torch import nn
 
 from backpack import backpack, extend
 from backpack.custom_module.reduce_tuple import ReduceTuple
-from backpack.derivatives.base import IO, rule_for
+from backpack.derivatives.base import IO
 from backpack.extensions import (
     BatchDiagGGNExact,
     BatchDiagGGNMC,
@@ -22,6 +22,7 @@ from backpack.extensions import (
     DiagHessian,
     SqrtGGNMC,
 )
+from backpack.registry import rule_for
 from tests.cases import LAYER_CASES, problems
 from tests.oracles import ggn_diag, hessian_diag
 

@@ -13,6 +13,7 @@ class SumModule(nn.Module):
     """``x_1 + ... + x_k`` for tensors of one shape."""
 
     def forward(self, *tensors: Tensor) -> Tensor:
+        """Elementwise sum of ``tensors`` (all of one shape)."""
         if not tensors or any(t.shape != tensors[0].shape for t in tensors):
             raise ValueError(
                 f"SumModule expects tensors of one shape, got {[tuple(t.shape) for t in tensors]}."
@@ -47,4 +48,5 @@ class Parallel(nn.Sequential):
         super().__init__(_Branch(*modules), SumModule() if merge_module is None else merge_module)
 
     def forward(self, x: Tensor) -> Tensor:
+        """The merge module applied to the outputs of the branches."""
         return self[1](*self[0](x))

@@ -27,7 +27,7 @@ from backpack.custom_module.scale_module import ScaleModule
 from backpack.custom_module.shape import Concat, Reshape
 from backpack.custom_module.slicing import Slicing
 from backpack.custom_module.transformer import convert_transformer  # noqa: F401 (registers)
-from backpack.derivatives.base import rule_for
+from backpack.registry import rule_for
 
 _ACTIVATIONS: dict[Any, type[nn.Module]] = {
     torch.relu: nn.ReLU, F.relu: nn.ReLU, "relu": nn.ReLU, "relu_": nn.ReLU,
@@ -47,6 +47,7 @@ class BackpackTracer(fx.Tracer):
     """Modules with a rule, and modules without children, are leaves."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        """Modules with a rule, and leaves, stay one node of the traced graph."""
         return rule_for(m) is not None or next(m.children(), None) is None
 
 

@@ -2,6 +2,7 @@
 
 from backpack.derivatives import (
     attention,  # noqa: F401
+    automatic,  # noqa: F401  (installs the fallback rule)
     batchnorm,  # noqa: F401
     conv,  # noqa: F401
     conv_transpose,  # noqa: F401

@@ -25,8 +25,9 @@ from backpack.derivatives.autograd import (
     param_residual_mat_prod_autograd,
     residual_factors_autograd,
 )
-from backpack.derivatives.base import IO, Rule, register
+from backpack.derivatives.base import IO, Request, Rule
 from backpack.derivatives.linear import LinearRule
+from backpack.registry import register
 
 _ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask")
 _DEFAULTS = {"need_weights": True, "average_attn_weights": True}
@@ -214,8 +215,8 @@ class MultiheadAttentionRule(Rule):
         sub += [t.index_select(0, index) for t in grads[1:]]  # weights: batch first always
         return IO(inputs, None, kwargs), sub[0] if len(sub) == 1 else tuple(sub)
 
-    def check(self, module: nn.MultiheadAttention, io: IO, extension: Any) -> None:
-        where = f"{type(extension).__name__} on {module}"
+    def check(self, module: nn.MultiheadAttention, io: IO, request: Request | None) -> None:
+        where = f"{request.name} on {module}"
         args = _call_args(io)
         if args["query"].dim() != 3:
             raise NotImplementedError(
@@ -228,7 +229,7 @@ class MultiheadAttentionRule(Rule):
                 "cannot be recovered in backward. Call module.eval() or set dropout=0."
             )
         mask = args.get("attn_mask")
-        if mask is not None and mask.dim() == 3 and getattr(extension, "stream", None):
+        if mask is not None and mask.dim() == 3 and request.second_order:
             raise NotImplementedError(
                 f"{where}: a per-sample (3d) attn_mask is supported for first-order extensions "
                 "only. Use a 2d attn_mask and key_padding_mask for second-order extensions."

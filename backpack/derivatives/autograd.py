@@ -21,7 +21,7 @@ from torch.func import functional_call, grad, jvp, vjp, vmap
 from torch.nn import Module
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from backpack._context import disable
+from backpack._state import disable
 from backpack.derivatives.base import IO, dense_factors
 
 

@@ -22,6 +22,7 @@ Assumptions, each checked where it can be:
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 from weakref import WeakKeyDictionary
 
@@ -32,7 +33,7 @@ from torch.nn import Module
 from torch.nn.modules.loss import _Loss
 from torch.utils._pytree import tree_flatten, tree_map
 
-from backpack._context import STATE, is_strict
+from backpack._state import STATE, is_strict
 from backpack.derivatives.autograd import (
     agree,
     call,
@@ -48,11 +49,37 @@ from backpack.derivatives.autograd import (
     split_samples,
     state_of,
 )
-from backpack.derivatives.base import IO, LossRule, Rule
-from backpack.extensions.base import warn_no_rule
+from backpack.derivatives.base import IO, LossRule, Request, Rule
+from backpack.registry import set_fallback
 
 # module -> names of its extended submodules its forward calls (found once, by a recompute)
 _CALLED: WeakKeyDictionary[Module, tuple[str, ...]] = WeakKeyDictionary()
+
+
+def warn_no_rule(module: Module, request: Request | None, strict: bool, seen: set) -> None:
+    """Warn once per module type that ``module`` has no hand-written rule, so that the extension
+    uses the automatic rule from ``torch.func`` (``backpack.derivatives.automatic``), a slower one.
+
+    Raises:
+        NotImplementedError: in strict mode (``backpack(..., strict=True)``, ``set_strict``).
+    """
+    kind, ext_name = type(module).__name__, request.name if request is not None else "backpack"
+    remedy = f"Register one with @backpack.register({kind}) on a Rule subclass"
+    if strict:
+        raise NotImplementedError(
+            f"{ext_name}: no rule for module type {kind} ({module}), and strict mode forbids "
+            f"the automatic rule. {remedy}, or leave strict mode (backpack(..., strict=False), "
+            "backpack.set_strict(False), environment variable BACKPACK_STRICT=0)."
+        )
+    if (type(module), "automatic") not in seen:
+        seen.add((type(module), "automatic"))
+        warnings.warn(
+            f"{ext_name}: no rule for module type {kind} ({module}); using the automatic rule "
+            "from torch.func: correct, but slower (it recomputes the forward pass and builds "
+            f"per-sample derivatives densely). {remedy} for speed.",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _fingerprint(outs: list[Tensor]) -> Tensor:
@@ -146,12 +173,12 @@ class AutogradRule(Rule):
         called = _CALLED.get(module)
         return super().param_names(module) if called is None else _uncalled(module, called)
 
-    def check(self, module: Module, io: IO, extension: Any) -> None:
-        warn_no_rule(module, extension, is_strict(), STATE.warned)
+    def check(self, module: Module, io: IO, request: Request | None) -> None:
+        warn_no_rule(module, request, is_strict(), STATE.warned)
         called = _called_children(module, io)
-        if called and extension is not None and extension.expects_backpropagation_quantities():
+        if called and request is not None and request.second_order:
             raise NotImplementedError(
-                f"{type(extension).__name__}: {type(module).__name__} has no rule and its forward "
+                f"{request.name}: {type(module).__name__} has no rule and its forward "
                 f"calls the extended submodules {list(called)}: the automatic rule would "
                 "differentiate through them while they run their own rules. Register a rule "
                 f"with @backpack.register({type(module).__name__}), or move its own parameters "
@@ -275,8 +302,8 @@ class AutogradLossRule(AutogradRule, LossRule):
         """None: the loss ends the backward pass (its parameters, if any, get nothing)."""
         return []
 
-    def check(self, module: Module, io: IO, extension: Any) -> None:
-        super().check(module, io, extension)
+    def check(self, module: Module, io: IO, request: Request | None) -> None:
+        super().check(module, io, request)
         reduction = getattr(module, "reduction", "mean")
         scalar = io.output is None or io.output.numel() == 1
         if reduction not in ("mean", "sum") or not scalar:
@@ -328,3 +355,6 @@ def automatic_rule(module: Module) -> Rule | None:
     if leaf or next(module.parameters(recurse=False), None) is not None:
         return _AUTOGRAD
     return None
+
+
+set_fallback(automatic_rule)

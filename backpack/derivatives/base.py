@@ -1,4 +1,4 @@
-"""Rules: the Jacobian-product math of one module type, and the registry that maps types to rules.
+"""Rules: the Jacobian-product math of one module type (``backpack.registry`` maps types to rules).
 
 Shape letters, used in docstrings and einsum strings throughout the package:
     v  vector axis (columns of a backpropagated matrix; 1 for a plain gradient)
@@ -32,9 +32,36 @@ from torch.func import functional_call
 from torch.nn import Module
 
 
+@dataclass(frozen=True)
+class Request:
+    """What a rule's ``check`` learns of the extension asking (rules never see extensions)."""
+
+    name: str  # the extension's class name, for messages
+    second_order: bool = False  # it backpropagates factors of the loss Hessian
+    subsampled: bool = False  # it restricts per-sample quantities to some samples
+
+
 @dataclass(slots=True)
 class IO:
-    """Detached inputs, output and keyword arguments of one forward call of a module."""
+    """Detached inputs, output and keyword arguments of one forward call of a module.
+
+    ``cache`` memoises, for one backward pass (the engine clears it after the call ran), what
+    several methods or extensions need of this call. Every key, with producer -> consumers:
+
+    Shared between a rule's methods (every extension asking gets the same tensor):
+        ``("batch_grad", name)``: ``Rule.batch_grad`` (and overrides) -> ``grad``,
+            ``batch_l2``, ``sum_grad_squared`` (``Variance`` asks for all of them)
+        ``("grad", name)``: ``LinearFormRule.sum_grad_squared`` -> ``LinearFormRule.grad``
+        ``("argmax",)``: ``MaxPoolRule.on_forward`` (what autograd saved) -> its products
+    Private to one rule (forward quantities its products share):
+        ``("df",)`` elementwise f'; ``("factors",)`` linear-form input/output factors;
+        ``("unfolded_input",)`` conv patches; ``"stats"`` BatchNorm statistics; ``"norm"``
+        normalisation layers; ``"layout"``, ``"segments"`` embeddings; ``"grads"``,
+        ``"proj_inputs"``, ``("mat", id, shape)`` attention; ``"factors"``,
+        ``("mat", id, shape)`` recurrent layers; ``"fingerprint"``, ``"vjp"`` automatic rule
+    Written by extensions (shared by the Kronecker extensions of one backward pass):
+        ``("kron_A", mode)``, ``("kron_A", name, block, mode)``: the input-side factor ``A``
+    """
 
     inputs: tuple[Any, ...]
     output: Any
@@ -43,6 +70,7 @@ class IO:
 
     @property
     def input0(self) -> Tensor:
+        """The first input."""
         return self.inputs[0]
 
 
@@ -80,24 +108,60 @@ class Rule:
         """Names of the module's own trainable parameters this rule differentiates."""
         return [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
 
-    def check(self, module: Module, io: IO, extension: Any) -> None:
-        """Raise a clear error if ``extension`` is undefined for this module's configuration."""
+    # a loss whose factors carry this tag already hold the residual of the rule that names it
+    # in ``closes_tag`` (NLLLoss after LogSoftmax: "nll"); None: untagged
+    origin_tag: str | None = None
+    # the tag of a loss right after this module that already holds this module's Hessian
+    # residual: factors that all carry it pass untagged and without the residual
+    closes_tag: str | None = None
+    # Kronecker factors of a weight stored input side first ([A, G]: Embedding, positions)
+    kron_input_rows = False
+
+    def check(self, module: Module, io: IO, request: Request | None) -> None:
+        """Raise a clear error if the extension ``request`` describes is undefined for this
+        module's configuration (None: second-order extensions in general)."""
+
+    def couples_samples(self, module: Module) -> bool:
+        """Whether each output depends on every sample (BatchNorm with batch statistics)."""
+        return False
+
+    def refuse_coupled(self, module: Module, request: Request) -> None:
+        """Raise for an extension that does not accept coupled samples (``couples_samples``)."""
+        raise NotImplementedError(
+            f"{request.name}: {module} couples the samples, so per-sample quantities are not "
+            "defined."
+        )
+
+    def has_kron_factors(self) -> bool:
+        """Whether the rule gives Kronecker factors (overrides ``kron_factors``)."""
+        return type(self).kron_factors is not Rule.kron_factors
+
+    def kron_factors(self, module: Module, io: IO, mat: Tensor, name: str) -> list | None:
+        """Kronecker blocks ``[(a, b)]`` of parameter ``name`` in the Linear layout (see
+        ``backpack.extensions.secondorder.kron``), or None where it has no Kronecker structure."""
+        raise NotImplementedError(f"{type(self).__name__} has no Kronecker factors")
 
     # whether jac_t_mat_prod returns new tensors that nothing else references: then a stream
     # may hand them to jac_t_mat_prod_, which overwrites its argument
     fresh_jac_t = False
 
     def jac_t_mat_prod(self, module: Module, io: IO, mat: Tensor) -> Tensor:
+        """``J^T mat``: ``[v, n, *out] -> [v, n, *in]`` (a tuple for several inputs)."""
         raise NotImplementedError(f"{type(self).__name__} has no jac_t_mat_prod")
 
     jac_t_mat_prod_: Any = None  # optional: jac_t_mat_prod computed in the memory of ``mat``
 
     def jac_mat_prod(self, module: Module, io: IO, mat: Tensor) -> Tensor:
+        """``J mat``: ``[v, n, *in] -> [v, n, *out]``."""
         raise NotImplementedError(f"{type(self).__name__} has no jac_mat_prod")
 
     def residual_diag(self, module: Module, io: IO, g: Tensor) -> Tensor | None:
         """Hessian residual ``d2out/din2 . g`` as a diagonal ``[n, *in]``, for an elementwise
-        layer ``f``: ``f''(x) * g``. None where the layer is (piecewise) linear in its input."""
+        layer ``f``: ``f''(x) * g``. None where the layer is (piecewise) linear in its input.
+
+        Returns:
+            ``[n, *in]``, or None.
+        """
         return None
 
     def residual_factors(self, module: Module, io: IO, g: Any) -> list[tuple[float, Any]]:
@@ -105,7 +169,11 @@ class Rule:
         residual ``sum_k g_k d2out_k/din2`` (block-diagonal over samples); ``[]`` where the
         layer is linear in its input. Modules with several inputs give ``R`` as a tuple, one
         ``[r, n, *in_i]`` (or None) per input. Default: ``residual_diag`` split by sign;
-        non-elementwise layers override it, e.g. with ``dense_factors``."""
+        non-elementwise layers override it, e.g. with ``dense_factors``.
+
+        Returns:
+            The signed factors, ``[]`` for a layer linear in its input.
+        """
         diag = self.residual_diag(module, io, g)
         if diag is None:
             return []
@@ -116,7 +184,11 @@ class Rule:
         self, module: Module, io: IO, g: Any, name: str, sum_batch: bool = True
     ) -> Tensor | None:
         """Diagonal of ``sum_k g_k d2out_k/dtheta2`` ``[(n,) *param]``, the parameter's own
-        Hessian residual (DiagHessian adds it); None where the output is linear in it."""
+        Hessian residual (DiagHessian adds it); None where the output is linear in it.
+
+        Returns:
+            ``[(n,) *param]``, or None.
+        """
         return None
 
     def param_residual_mat_prod(
@@ -124,17 +196,26 @@ class Rule:
     ) -> Tensor | None:
         """``(sum_k g_k d2out_k/dtheta2) mat`` ``[V, *param]`` over the batch, the parameter's
         own Hessian residual times ``mat [V, *param]`` (HMP adds it); None where the output is
-        linear in it."""
+        linear in it.
+
+        Returns:
+            ``[V, *param]``, or None.
+        """
         return None
 
     def param_jac_t_mat_prod(
         self, module: Module, io: IO, mat: Tensor, name: str, sum_batch: bool = True
     ) -> Tensor:
+        """``J_theta^T mat``: ``[v, n, *out] -> [v, (n,) *param]`` for parameter ``name``."""
         raise NotImplementedError(f"{type(self).__name__} has no parameter Jacobian")
 
     def param_jac_mat_prod(self, module: Module, io: IO, mat: Tensor, name: str) -> Tensor:
         """``J_theta mat``: ``[v, *param] -> [v, n, *out]`` (first output of a tuple), generic:
-        forward-mode AD of the recorded forward call, one tangent per ``v``."""
+        forward-mode AD of the recorded forward call, one tangent per ``v``.
+
+        Returns:
+            ``[v, n, *out]``.
+        """
         param = getattr(module, name).detach()
         # copies: a forward pass in training mode updates running statistics in place
         buffers = {k: b.clone() for k, b in module.named_buffers(recurse=False)}
@@ -161,7 +242,11 @@ class Rule:
         self, module: Module, io: IO, g: Tensor, name: str, out: Tensor | None = None
     ) -> Tensor:
         """Per-sample gradients ``[n, *param]``; rules may write them into ``out`` (a free
-        buffer of that shape) instead of fresh memory."""
+        buffer of that shape) instead of fresh memory.
+
+        Returns:
+            ``[n, *param]`` (``out`` itself where given).
+        """
         key = ("batch_grad", name)
         if key not in io.cache:
             io.cache[key] = self.param_jac_t_mat_prod(
@@ -205,37 +290,12 @@ class LossRule(Rule):
 
     def sqrt_hessian_lean(self, module: Module, io: IO) -> Tensor:
         """An exact factor with as few columns as the rule can give (same ``S S^T``; the
-        columns need not be ``sqrt_hessian``'s): what flows when no extension stores them."""
+        columns need not be ``sqrt_hessian``'s): what flows when no extension stores them.
+
+        Returns:
+            ``[c', n, *out]``, ``c'`` at most ``sqrt_hessian``'s columns.
+        """
         return self.sqrt_hessian(module, io)
-
-
-_RULES: dict[type, Rule] = {}
-
-
-def register(*module_types: type):
-    """Class decorator: use (an instance of) this rule for exactly these module types.
-
-    Users register rules for their own layers the same way; a later registration wins.
-    """
-
-    def deco(cls: type[Rule]) -> type[Rule]:
-        for t in module_types:
-            _RULES[t] = cls()
-        return cls
-
-    return deco
-
-
-def rule_for(module: Module) -> Rule | None:
-    """The rule registered for ``type(module)`` (exact type match); else the automatic rule
-    from ``torch.func`` for losses, leaves and modules with parameters of their own
-    (``backpack.derivatives.automatic``); else None (containers)."""
-    rule = _RULES.get(type(module))
-    if rule is None:
-        from backpack.derivatives.automatic import automatic_rule  # it imports this module
-
-        rule = automatic_rule(module)
-    return rule
 
 
 def diag_columns(root: Tensor) -> Tensor:
@@ -247,7 +307,11 @@ def diag_columns(root: Tensor) -> Tensor:
 
 def dense_factors(hess: Tensor, shape: tuple[int, ...]) -> list[tuple[float, Tensor]]:
     """Signed factors of per-sample symmetric matrices ``hess [n, D, D]`` by eigendecomposition:
-    ``[(+1, R+), (-1, R-)]`` with ``R [D, n, *shape]`` and ``R+ R+^T - R- R-^T = hess``."""
+    ``[(+1, R+), (-1, R-)]`` with ``R [D, n, *shape]`` and ``R+ R+^T - R- R-^T = hess``.
+
+    Returns:
+        ``[(sign, R)]``, only the signs whose part is nonzero.
+    """
     evals, evecs = torch.linalg.eigh(hess)
     n = hess.shape[0]
     out = []
@@ -265,6 +329,9 @@ def blockwise_factors(hess: Tensor, dim: int) -> list[tuple[float, Tensor]]:
     ``hess`` ``[n, *rest, c, c]``: the blocks, with ``rest`` the input's other axes in order.
     Returns ``[(sign, R [p * c, n, *in])]``, ``p = prod(rest)``: column ``(q, j)`` is eigenvector
     ``j`` of block ``q`` scaled by ``sqrt(|eigenvalue|)``, zero at every other position.
+
+    Returns:
+        ``[(sign, R)]``, only the signs whose part is nonzero.
     """
     n, rest, c = hess.shape[0], hess.shape[1:-2], hess.shape[-1]
     evals, evecs = torch.linalg.eigh(hess)

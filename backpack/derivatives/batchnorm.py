@@ -21,21 +21,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from backpack._context import STATE
-from backpack.derivatives.base import IO, Rule, dense_factors, register
+from backpack.derivatives.base import IO, Request, Rule, dense_factors
+from backpack.registry import register
 from backpack.utils.errors import batch_norm_raise_error_if_train, uses_batch_statistics
-
-# extensions whose quantity is a whole-batch curvature, well defined when samples couple
-_COUPLING_OK = {
-    "DiagGGNExact",
-    "DiagGGNMC",
-    "DiagHessian",
-    "GGNMP",
-    "HMP",
-    "PCHMP",
-    "SqrtGGNExact",
-    "SqrtGGNMC",
-}
 
 
 def _per_channel(t: Tensor, spatial_dims: int) -> Tensor:
@@ -49,14 +37,9 @@ class BatchNormRule(Rule):
 
     needs_output = False
 
-    def check(self, module: nn.modules.batchnorm._BatchNorm, io: IO, extension: object) -> None:
-        """Batch statistics couple the samples: refuse per-sample extensions then, except
-        first-order ones under ``backpack(..., batchnorm_contributions=True)``."""
-        first_order = getattr(extension, "stream", None) is None
-        if STATE.batchnorm_contributions and first_order:
-            return
-        if type(extension).__name__ not in _COUPLING_OK:
-            batch_norm_raise_error_if_train(module, extension=extension)
+    def refuse_coupled(self, module: nn.Module, request: Request) -> None:
+        """Batch statistics couple the samples: per-sample quantities are undefined."""
+        batch_norm_raise_error_if_train(module, extension=request.name)
 
     def couples_samples(self, module: nn.Module) -> bool:
         """Whether each output depends on every sample (batch statistics)."""

@@ -6,13 +6,12 @@ every padding mode and ``'same'``/``'valid'`` is resolved by ``backpack.utils.co
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
-from backpack.derivatives.base import IO, register
+from backpack.derivatives.base import IO, Request
 from backpack.derivatives.linear_form import LinearFormRule
+from backpack.registry import register
 from backpack.utils import workspace
 from backpack.utils.conv import (
     get_conv_function,
@@ -28,11 +27,11 @@ from backpack.utils.conv import (
 class ConvFamilyRule(LinearFormRule):
     """What convolutions and transposed convolutions share: bias, batch checks."""
 
-    def check(self, module: _ConvNd, io: IO, extension: Any) -> None:
+    def check(self, module: _ConvNd, io: IO, request: Request | None) -> None:
         dim = len(module.kernel_size)
         if io.input0.dim() != dim + 2:
             raise ValueError(
-                f"{type(module).__name__}: {type(extension).__name__} needs a batched input "
+                f"{type(module).__name__}: {request.name} needs a batched input "
                 f"[N, C, *spatial] ({dim + 2} dims), got shape {tuple(io.input0.shape)}. "
                 "Add a batch axis (x.unsqueeze(0))."
             )

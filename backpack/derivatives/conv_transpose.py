@@ -10,8 +10,9 @@ from __future__ import annotations
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvTransposeNd
 
-from backpack.derivatives.base import IO, register
+from backpack.derivatives.base import IO
 from backpack.derivatives.conv import ConvFamilyRule
+from backpack.registry import register
 from backpack.utils.conv import get_conv_function, get_conv_transpose_function, unfold
 
 

@@ -10,8 +10,9 @@ from backpack.custom_module.pad import Pad
 from backpack.custom_module.scale_module import ScaleModule
 from backpack.custom_module.shape import Concat, Reshape
 from backpack.custom_module.slicing import Slicing
-from backpack.derivatives.base import IO, Rule, register
+from backpack.derivatives.base import IO, Request, Rule
 from backpack.derivatives.shape_ops import LinearOpRule, ReshapeRule
+from backpack.registry import register
 
 
 @register(SumModule)
@@ -41,10 +42,10 @@ class ReshapeModuleRule(ReshapeRule):
 class SliceOrPadRule(LinearOpRule):
     """``input[slice_info]`` / constant ``F.pad``: linear ops, ``J^T`` by vjp at zero."""
 
-    def check(self, module: Module, io: IO, extension: object) -> None:
+    def check(self, module: Module, io: IO, request: Request | None) -> None:
         if isinstance(module, Pad) and module.mode != "constant":
             raise NotImplementedError(
-                f"{module}: only mode='constant' padding is supported ({extension}); "
+                f"{module}: only mode='constant' padding is supported ({request.name}); "
                 "use nn.ReflectionPad/nn.ReplicationPad modules for other modes."
             )
 

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn import Module
 
-from backpack.derivatives.base import IO, Rule, register
+from backpack.derivatives.base import IO, Request, Rule
+from backpack.registry import register
 
 Derivative = Callable[[Module, Tensor, "Tensor | None"], "Tensor | float"]
 
@@ -33,10 +34,10 @@ class ElementwiseRule(Rule):
     inplace_ok = True  # whether f' and f'' can be read from the overwritten input
     fresh_jac_t = True
 
-    def check(self, module: Module, io: IO, extension: object) -> None:
+    def check(self, module: Module, io: IO, request: Request | None) -> None:
         if getattr(module, "inplace", False) and not self.inplace_ok:
             raise NotImplementedError(
-                f"{type(extension).__name__} on {module}: inplace=True overwrites the input, "
+                f"{request.name} on {module}: inplace=True overwrites the input, "
                 "from which this layer's derivative cannot be recovered. Use inplace=False."
             )
 

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from backpack.derivatives.base import IO, Rule, register
+from backpack.derivatives.base import IO, Rule
+from backpack.registry import register
 
 
 @register(nn.Embedding)

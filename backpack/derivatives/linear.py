@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from backpack.derivatives.base import IO, register
+from backpack.derivatives.base import IO
 from backpack.derivatives.linear_form import LinearFormRule
+from backpack.registry import register
 
 
 @register(nn.Linear)

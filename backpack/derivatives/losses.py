@@ -9,12 +9,12 @@ loss Hessian). Both carry the reduction's normaliser: ``1/sqrt(normaliser)`` for
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from backpack.derivatives.base import IO, LossRule, diag_columns, register
+from backpack.derivatives.base import IO, LossRule, Request, diag_columns
+from backpack.registry import register
 
 
 class _Loss(LossRule):
@@ -34,10 +34,10 @@ class _Loss(LossRule):
         x, _ = self._args(io)
         return x.numel() if module.reduction == "mean" else 1.0
 
-    def check(self, module: nn.Module, io: IO, extension: Any) -> None:
-        second_order = extension is None or extension.expects_backpropagation_quantities()
+    def check(self, module: nn.Module, io: IO, request: Request | None) -> None:
+        second_order = request is None or request.second_order
         if second_order and module.reduction not in ("mean", "sum"):
-            ext = type(extension).__name__ if extension is not None else "second-order extensions"
+            ext = request.name if request is not None else "second-order extensions"
             raise ValueError(
                 f"{type(module).__name__}(reduction={module.reduction!r}): {ext} need(s) the "
                 "scalar loss; use reduction='mean' or 'sum'."
@@ -73,8 +73,8 @@ class CrossEntropyLossRule(_Loss):
     ``'mean'`` divides by the number of positions ``n * prod(d)`` (PyTorch's definition).
     """
 
-    def check(self, module: nn.CrossEntropyLoss, io: IO, extension: Any) -> None:
-        super().check(module, io, extension)
+    def check(self, module: nn.CrossEntropyLoss, io: IO, request: Request | None) -> None:
+        super().check(module, io, request)
         x, _ = self._args(io)
         if x.dim() < 2:
             raise ValueError(
@@ -221,13 +221,13 @@ class NLLLossRule(CrossEntropyLossRule):
 
     origin_tag = "nll"
 
-    def check(self, module: nn.NLLLoss, io: IO, extension: Any) -> None:
-        super().check(module, io, extension)
+    def check(self, module: nn.NLLLoss, io: IO, request: Request | None) -> None:
+        super().check(module, io, request)
         x, _ = self._args(io)
-        second_order = extension is None or extension.expects_backpropagation_quantities()
+        second_order = request is None or request.second_order
         if second_order and not torch.allclose(x.logsumexp(1), x.new_zeros(()), atol=1e-4):
             raise ValueError(
-                f"{module} with {type(extension).__name__}: the input is not log-probabilities "
+                f"{module} with {request.name}: the input is not log-probabilities "
                 "(logsumexp over axis 1 is not 0). Put nn.LogSoftmax(dim=1) before NLLLoss, or "
                 "use CrossEntropyLoss on the logits."
             )

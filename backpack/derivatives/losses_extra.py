@@ -11,8 +11,9 @@ import math
 import torch
 from torch import Tensor, nn
 
-from backpack.derivatives.base import IO, diag_columns, register
+from backpack.derivatives.base import IO, diag_columns
 from backpack.derivatives.losses import _Loss
+from backpack.registry import register
 
 
 class _ElementwiseLoss(_Loss):

@@ -14,7 +14,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, jacfwd, vmap
 
-from backpack.derivatives.base import IO, Rule, blockwise_factors, register
+from backpack.derivatives.base import IO, Request, Rule, blockwise_factors
+from backpack.registry import register
 
 
 class _NormRule(Rule):
@@ -177,10 +178,10 @@ class InstanceNormRule(_ChannelNormRule):
     def running(self, module: nn.modules.instancenorm._InstanceNorm) -> bool:
         return module.track_running_stats and not module.training
 
-    def check(self, module: nn.Module, io: IO, extension: object) -> None:
+    def check(self, module: nn.Module, io: IO, request: Request | None) -> None:
         """Unbatched ``[C, *s]`` input would put channels on the batch axis: refuse it."""
         if io.input0.dim() != module._get_no_batch_dim() + 1:
             raise NotImplementedError(
                 f"{type(module).__name__}: unbatched input is not supported by "
-                f"{type(extension).__name__}; add a batch axis."
+                f"{request.name}; add a batch axis."
             )

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from backpack.derivatives.base import register
 from backpack.derivatives.shape_ops import LinearOpRule
+from backpack.registry import register
 
 
 @register(

@@ -11,8 +11,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn import Module
 
-from backpack.derivatives.base import IO, Rule, register
+import backpack._torch_private as _tp
+from backpack.derivatives.base import IO, Rule
 from backpack.derivatives.shape_ops import LinearOpRule
+from backpack.registry import register
 from backpack.utils import workspace
 
 
@@ -47,7 +49,7 @@ class MaxPoolRule(Rule):
 
     def on_forward(self, module: Module, io: IO, output: Tensor) -> None:
         """Keep the argmax autograd saved (2d/3d and adaptive 2d pooling save it)."""
-        idx = getattr(output.grad_fn, "_saved_result1", None)
+        idx = _tp.saved_argmax(output.grad_fn)
         if idx is not None and idx.shape == output.shape:
             io.cache[("argmax",)] = idx
 

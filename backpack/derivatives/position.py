@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from backpack.custom_module.position import PositionalEmbedding
-from backpack.derivatives.base import IO, Rule, register
+from backpack.derivatives.base import IO, Rule
+from backpack.registry import register
 
 
 @register(PositionalEmbedding)

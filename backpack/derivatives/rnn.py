@@ -26,7 +26,8 @@ from backpack.derivatives.autograd import (
     param_residual_mat_prod_autograd,
     residual_factors_autograd,
 )
-from backpack.derivatives.base import IO, Rule, chunks, register
+from backpack.derivatives.base import IO, Request, Rule, chunks
+from backpack.registry import register
 
 Factors = dict[str, tuple[Tensor, Tensor | None]]  # param name -> (delta b, activation a | None)
 
@@ -169,8 +170,8 @@ class RecurrentRule(Rule):
         sub = tuple(pick(t, ax if i == 0 else 1) for i, t in enumerate(grads))
         return IO(inputs, output, kwargs), sub
 
-    def check(self, module: nn.RNNBase, io: IO, extension: Any) -> None:
-        where = f"{type(extension).__name__} on {module}"
+    def check(self, module: nn.RNNBase, io: IO, request: Request | None) -> None:
+        where = f"{request.name} on {module}"
         x, _ = _args(io)
         if isinstance(x, PackedSequence):
             raise NotImplementedError(
@@ -182,8 +183,7 @@ class RecurrentRule(Rule):
                 f"{where}: unbatched input of shape {tuple(x.shape)} has no batch axis. "
                 "Add one (x.unsqueeze(0) with batch_first=True)."
             )
-        stream = getattr(extension, "stream", None)
-        if stream is not None and not module.batch_first and extension.subsampling is not None:
+        if request.second_order and not module.batch_first and request.subsampled:
             raise NotImplementedError(
                 f"{where}: subsampling second-order quantities needs batch_first=True (the "
                 "backpropagated matrices are subsampled on axis 1, time here)."

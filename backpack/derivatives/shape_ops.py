@@ -12,7 +12,8 @@ from torch.func import vjp
 from torch.nn import Module
 
 from backpack.custom_module.permute import Permute
-from backpack.derivatives.base import IO, Rule, register
+from backpack.derivatives.base import IO, Request, Rule
+from backpack.registry import register
 
 
 class LinearOpRule(Rule):
@@ -59,7 +60,7 @@ class ReshapeRule(LinearOpRule):
 class FlattenRule(ReshapeRule):
     """``nn.Flatten(start_dim, end_dim)``."""
 
-    def check(self, module: nn.Flatten, io: IO, extension: object) -> None:
+    def check(self, module: nn.Flatten, io: IO, request: Request | None) -> None:
         _keeps_batch(module, module.start_dim % io.inputs[0].dim(), "flattens")
 
 
@@ -67,7 +68,7 @@ class FlattenRule(ReshapeRule):
 class UnflattenRule(ReshapeRule):
     """``nn.Unflatten(dim, sizes)``."""
 
-    def check(self, module: nn.Unflatten, io: IO, extension: object) -> None:
+    def check(self, module: nn.Unflatten, io: IO, request: Request | None) -> None:
         _keeps_batch(module, module.dim % io.inputs[0].dim(), "unflattens")
 
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from backpack.derivatives.base import IO, Rule, blockwise_factors, register
+import backpack._torch_private as _tp
+from backpack.derivatives.base import IO, Rule, blockwise_factors
+from backpack.registry import register
 
 
 class _SoftmaxBase(Rule):
@@ -20,7 +22,7 @@ class _SoftmaxBase(Rule):
         d = (
             module.dim
             if module.dim is not None
-            else nn.functional._get_softmax_dim(type(module).__name__.lower(), io.output.dim(), 3)
+            else _tp.softmax_dim(type(module).__name__.lower(), io.output.dim())
         )
         return d % io.output.dim() + 1
 

@@ -1,62 +1,12 @@
-"""Extension base class and ``Call``, what the engine hands an extension at each module."""
+"""The extension base class: what an extension declares, and its module-type handlers."""
 
 from __future__ import annotations
 
-import warnings
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from torch.nn import Module
 
-import torch
-from torch import Tensor
-from torch.nn import Module, Parameter
-
-from backpack.derivatives.base import IO, Rule
-
-if TYPE_CHECKING:
-    from backpack.extensions.module_extension import ModuleExtension
-
-# classes some extension instance has a ModuleExtension for: their calls keep the output
-HANDLED_TYPES: set[type] = set()
-
-
-@dataclass
-class Call:
-    """One module call reached in backward: its rule, forward record and output gradients."""
-
-    module: Module
-    rule: Rule | None
-    io: IO
-    grads: tuple[Tensor, ...]  # gradients w.r.t. the module's outputs
-    in_keys: tuple = ()  # autograd identity of each input: (node, output index) or None
-    out_nr: int = 0  # output index of the module's output in its autograd node
-    lowp: torch.dtype | None = None  # autocast's dtype in the forward call (None: no autocast)
-    _views: dict = field(default_factory=dict)
-
-    @property
-    def out_key(self) -> tuple:
-        """Autograd identity of the output; valid inside the backward hook only."""
-        return (torch._C._current_autograd_node(), self.out_nr)
-
-    @property
-    def g(self) -> Any:
-        """The output gradient (a tuple for modules with several outputs)."""
-        return self.grads[0] if len(self.grads) == 1 else self.grads
-
-    def params(self) -> list[tuple[str, Parameter]]:
-        """The parameters the rule owns, ``(name, parameter)``; dotted names reach into children
-        a module calls functionally (``nn.MultiheadAttention.out_proj``)."""
-        names = self.rule.param_names(self.module) if self.rule else []
-        return [(n, self.module.get_parameter(n)) for n in names]
-
-    def view(self, subsampling: list[int] | None) -> tuple[IO, Any]:
-        """Record and output gradient restricted to the samples in ``subsampling``."""
-        key = None if subsampling is None else tuple(subsampling)
-        if key not in self._views:
-            if key is None:
-                self._views[key] = (self.io, self.g)
-            else:
-                self._views[key] = self.rule.subsample(self.module, self.io, self.g, list(key))
-        return self._views[key]
+from backpack.derivatives.base import Request
+from backpack.engine.call import HANDLED_TYPES, Call
+from backpack.extensions.module_extension import ModuleExtension
 
 
 class BackpropExtension:
@@ -71,6 +21,9 @@ class BackpropExtension:
     """
 
     stream = None  # what flows backward (second-order extensions); None: output gradient only
+    # whether the quantity stays defined where samples couple (BatchNorm with batch
+    # statistics): whole-batch curvature does, per-sample quantities do not
+    accepts_coupled_samples = False
 
     def __init__(
         self,
@@ -119,35 +72,22 @@ class BackpropExtension:
         """Whether the extension needs a quantity propagated backward through every layer."""
         return False
 
+    @property
+    def request(self) -> Request:
+        """What a rule's ``check`` learns of this extension."""
+        return Request(type(self).__name__, self.stream is not None, self.subsampling is not None)
+
+    def check_module(self, call: Call) -> None:
+        """Raise if this extension is undefined at the module of ``call`` (the rule's checks,
+        and coupled samples where the extension does not accept them)."""
+        rule = call.rule
+        rule.check(call.module, call.io, self.request)
+        if not self.accepts_coupled_samples and rule.couples_samples(call.module):
+            rule.refuse_coupled(call.module, self.request)
+
     def run(self, call: Call) -> None:
         """Compute and store this extension's quantities for the module of ``call``."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
-
-
-def warn_no_rule(module: Module, ext: BackpropExtension | None, strict: bool, seen: set) -> None:
-    """Warn once per module type that ``module`` has no hand-written rule, so that ``ext`` uses
-    the automatic rule from ``torch.func`` (``backpack.derivatives.automatic``), a slower one.
-
-    Raises:
-        NotImplementedError: in strict mode (``backpack(..., strict=True)``, ``set_strict``).
-    """
-    kind, ext_name = type(module).__name__, type(ext).__name__ if ext is not None else "backpack"
-    remedy = f"Register one with @backpack.register({kind}) on a Rule subclass"
-    if strict:
-        raise NotImplementedError(
-            f"{ext_name}: no rule for module type {kind} ({module}), and strict mode forbids "
-            f"the automatic rule. {remedy}, or leave strict mode (backpack(..., strict=False), "
-            "backpack.set_strict(False), environment variable BACKPACK_STRICT=0)."
-        )
-    if (type(module), "automatic") not in seen:
-        seen.add((type(module), "automatic"))
-        warnings.warn(
-            f"{ext_name}: no rule for module type {kind} ({module}); using the automatic rule "
-            "from torch.func: correct, but slower (it recomputes the forward pass and builds "
-            f"per-sample derivatives densely). {remedy} for speed.",
-            UserWarning,
-            stacklevel=3,
-        )

@@ -38,6 +38,9 @@ def grad(
 
     Outputs without a graph contribute nothing (``autograd.grad`` would raise), and inputs the
     outputs do not depend on get zeros: curvature products of unused parameters are zero.
+
+    Returns:
+        One tensor per input, shaped like it.
     """
     pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if o.requires_grad]
     if not pairs:

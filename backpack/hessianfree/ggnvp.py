@@ -40,7 +40,10 @@ def ggn_vector_product_from_plist(
 
     Raises:
         ValueError: if ``v`` does not match ``plist`` in number or shapes.
-    """
+
+    Returns:
+        ``G v``, one tensor per parameter in ``plist``, shaped like it.
+    """  # noqa: DOC502 (check_like raises it)
     jac_v = R_op(output, plist, v)
     hess_jac_v = hessian_vector_product(loss, output, jac_v)
     return L_op(output, plist, hess_jac_v)

@@ -29,7 +29,7 @@ def hessian_vector_product(
 
     Raises:
         ValueError: if ``v`` or ``grad_params`` do not match ``params`` in number or shapes.
-    """
+    """  # noqa: DOC502 (check_like raises it)
     params, v = as_tuple(params), as_tuple(v)
     check_like(v, params, "v", "params")
     if grad_params is None:

@@ -24,7 +24,7 @@ def L_op(
 
     Raises:
         ValueError: if ``ws`` does not match ``ys`` in number or shapes.
-    """
+    """  # noqa: DOC502 (check_like raises it)
     ys, xs, ws = as_tuple(ys), as_tuple(xs), as_tuple(ws)
     check_like(ws, ys, "ws", "ys")
     return grad(ys, xs, ws, create_graph=not detach, retain_graph=retain_graph)

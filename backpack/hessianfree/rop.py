@@ -28,7 +28,7 @@ def R_op(
 
     Raises:
         ValueError: if ``vs`` does not match ``xs`` in number or shapes.
-    """
+    """  # noqa: DOC502 (check_like raises it)
     ys, xs, vs = as_tuple(ys), as_tuple(xs), as_tuple(vs)
     check_like(vs, xs, "vs", "xs")
     dummies = tuple(torch.zeros_like(y, requires_grad=True) for y in ys)

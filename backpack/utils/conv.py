@@ -60,6 +60,9 @@ def pad_input(module: _ConvNd, x: Tensor) -> tuple[Tensor, Pairs]:
     """``x`` with the module's padding applied by ``F.pad`` unless it is symmetric zeros.
 
     Returns the (possibly padded) input and the zero padding still to apply.
+
+    Returns:
+        The padded input and the zero padding per side still to apply.
     """
     pairs = padding_pairs(module)
     if is_symmetric_zero(module):
@@ -77,6 +80,9 @@ def unfold(
     """Patches ``[n, c, *in] -> [n, c * prod(k), prod(out)]``, ordered like ``F.unfold``.
 
     ``pairs`` is zero padding per side (negative values crop).
+
+    Returns:
+        ``[n, c * prod(k), prod(out)]``.
     """
     if any(p != 0 for pair in pairs for p in pair):
         x = F.pad(x, pad_arg(pairs))
@@ -98,7 +104,11 @@ def unfold_input(module: _ConvNd, x: Tensor) -> Tensor:
 
 def unfolded_gram(a: Tensor) -> Tensor:
     """``sum_{n,s} a a^T`` ``[g, A, A]`` of patches ``a [n, g, A, s]``: one matmul over ``(n, s)``
-    (a single copy puts them next to each other, for both operands)."""
+    (a single copy puts them next to each other, for both operands).
+
+    Returns:
+        ``[g, A, A]``.
+    """
     flat = a.permute(1, 2, 0, 3).flatten(2)  # [g, A, n s]
     return torch.bmm(flat, flat.transpose(1, 2))
 
@@ -113,6 +123,9 @@ def patch_gram(module: _ConvNd, x: Tensor, budget: int = 1 << 22) -> Tensor:
     ``d >= 0`` over all positions (``d < 0``: the transposed block), then the window sums. This
     costs ``#d P`` instead of ``prod(k)^2 S`` (``P`` padded input, ``S`` output positions)
     products of channel pairs; position chunks keep ``M_d`` within ``budget`` elements.
+
+    Returns:
+        ``[g, A, A]``.
     """
     groups, ks = module.groups, module.kernel_size
     xp, pairs = pad_input(module, x)

@@ -12,6 +12,9 @@ def uses_batch_statistics(module: Module) -> bool:
     """Whether a BatchNorm ``module`` normalises with the current batch's mean and variance.
 
     As in PyTorch: in training mode, or without running statistics (``track_running_stats=False``).
+
+    Returns:
+        Whether batch statistics are used.
     """
     return module.training or module.running_mean is None or module.running_var is None
 
@@ -28,11 +31,12 @@ def batch_norm_raise_error_if_train(
     Args:
         module: the BatchNorm module.
         raise_error: raise if True, else only warn.
-        extension: the extension that asked, named in the message.
+        extension: the extension that asked (or its name), named in the message.
     """
     if not uses_batch_statistics(module):
         return
-    who = f"{type(extension).__name__}: " if extension is not None else ""
+    name = extension if isinstance(extension, str) else type(extension).__name__
+    who = f"{name}: " if extension is not None else ""
     if module.training:
         why, remedy = "is in training mode", "Call model.eval() to use the running statistics"
     else:

@@ -31,7 +31,14 @@ def mnist_root() -> Path:
 
 def _read_idx(stem: str) -> Tensor:
     """An IDX file: magic (``0, 0, 8`` for uint8, then the number of dims), big-endian
-    sizes, the data."""
+    sizes, the data.
+
+    Raises:
+        FileNotFoundError: if the file is missing.
+
+    Returns:
+        The data as a tensor of the stored sizes.
+    """
     raw = mnist_root() / "MNIST" / "raw"
     for path in (raw / stem, raw / f"{stem}.gz"):
         if path.is_file():
@@ -50,7 +57,11 @@ def _read_idx(stem: str) -> Tensor:
 
 def load_mnist_dataset() -> TensorDataset:
     """MNIST's training set: images ``[60000, 1, 28, 28]`` scaled to ``[0, 1]`` and normalised
-    by mean 0.1307 and std 0.3081, labels ``[60000]`` (int64)."""
+    by mean 0.1307 and std 0.3081, labels ``[60000]`` (int64).
+
+    Returns:
+        A ``TensorDataset`` of images and labels.
+    """
     images = (_read_idx(_FILES["images"]).unsqueeze(1).float() / 255 - MNIST_MEAN) / MNIST_STD
     return TensorDataset(images, _read_idx(_FILES["labels"]).long())
 
@@ -73,7 +84,11 @@ def autograd_diag_ggn_exact(
 ) -> Tensor:
     """Reference GGN diagonal ``[D]`` over the trainable parameters of ``model`` (flattened and
     concatenated in ``model.parameters()`` order), one GGN-vector product ``G e_i`` per entry
-    ``i``: slow, for tests. ``idx``: only those entries, ``[len(idx)]``."""
+    ``i``: slow, for tests. ``idx``: only those entries, ``[len(idx)]``.
+
+    Returns:
+        ``[D]``, or ``[len(idx)]`` with ``idx``.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     output = model(X)
     loss = loss_function(output, y)

@@ -35,6 +35,9 @@ def kfacs_to_mat(factors: Sequence[Tensor]) -> Tensor:
 
     Args:
         factors: one or more matrices.
+
+    Returns:
+        ``[R, C]`` with ``R = prod(r_k)``, ``C = prod(c_k)``.
     """
     _check_factors(factors)
     return reduce(two_kfacs_to_mat, factors)
@@ -115,6 +118,9 @@ def inv_kfacs(
     Raises:
         ValueError: if ``factors`` is empty or not square matrices, or a list of shifts does not
             have one entry per factor.
+
+    Returns:
+        The damped inverses, one per factor.
     """
     _check_factors(factors, square=True)
     if shift is None:

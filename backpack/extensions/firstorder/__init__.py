@@ -7,42 +7,49 @@ with ``reduction='mean'`` each carries the loss's ``1/N``.
 
 from __future__ import annotations
 
-import sys
-
 import torch
 from torch import Tensor
 from torch.nn import Module
 
+import backpack._torch_private as _tp
+from backpack._state import STATE
 from backpack.derivatives.base import IO, Rule
-from backpack.extensions.base import BackpropExtension, Call
-from backpack.extensions.reuse import Pieces
+from backpack.engine.call import Call
+from backpack.engine.reuse import Pieces
+from backpack.extensions.base import BackpropExtension
 
 
 class FirstOrderExtension(BackpropExtension):
     """Stores ``compute(...)`` for each trainable parameter of every module with a rule."""
 
     savefield_default = ""
-    method = ""  # the rule's method computing the quantity
+
+    @property
+    def accepts_coupled_samples(self) -> bool:
+        """Through BatchNorm with batch statistics only under ``backpack(...,
+        batchnorm_contributions=True)``: per-sample contributions ``J_n^T g_n``."""
+        return STATE.batchnorm_contributions
 
     def __init__(self, subsampling: list[int] | None = None):
         super().__init__(self.savefield_default, subsampling=subsampling)
 
     def run(self, call: Call) -> None:
+        """Store the quantity of each parameter of the module from its output gradient."""
         params = call.params()
         if not params:
             return
-        call.rule.check(call.module, call.io, self)
+        self.check_module(call)
         io, g = call.view(self.subsampling)
         for name, param in params:
             setattr(param, self.savefield, self.compute(call.rule, call.module, io, g, name))
 
     def compute(self, rule: Rule, module: Module, io: IO, g: Tensor, name: str) -> Tensor:
         """The quantity for parameter ``name`` from the output gradient ``g`` ``[n, *out]``."""
-        return getattr(rule, self.method)(module, io, g, name)
+        raise NotImplementedError
 
     def collect(self, call: Call, pieces: Pieces) -> None:
         """One call of a module called several times: add its per-sample gradients."""
-        call.rule.check(call.module, call.io, self)
+        self.check_module(call)
         io, g = call.view(self.subsampling)
         for name, _ in call.params():
             pieces.add(
@@ -74,9 +81,10 @@ class BatchGrad(FirstOrderExtension):
     about as much as computing them.
     """
 
-    savefield_default, method = "grad_batch", "batch_grad"
+    savefield_default = "grad_batch"
 
     def compute(self, rule: Rule, module: Module, io: IO, g: Tensor, name: str) -> Tensor:
+        """``rule.batch_grad``, written into the previous buffer when nothing else holds it."""
         param = module.get_parameter(name)
         n = _batch_size(rule, module, g)
         old = param.__dict__.get(self.savefield)
@@ -87,31 +95,42 @@ class BatchGrad(FirstOrderExtension):
             and old.dtype == param.dtype
             and old.device == param.device
             and old.is_contiguous()
-            and old._base is None
-            and sys.getrefcount(old) == 3  # param.__dict__, ``old``, the call's argument
-            and torch._C._storage_Use_Count(old.untyped_storage()._cdata) <= 2
+            and _tp.view_base(old) is None
+            and _tp.refcount(old) == 3  # param.__dict__, ``old``, the call's argument
+            and _tp.storage_use_count(old.untyped_storage()) <= 2
         )
         return rule.batch_grad(module, io, g, name, out=old if reuse else None)
 
     def from_batch_grad(self, grad_batch: Tensor) -> Tensor:
+        """The per-sample gradients themselves."""
         return grad_batch
 
 
 class BatchL2Grad(FirstOrderExtension):
     """Squared norms of the per-sample gradients ``batch_l2`` ``[N]``, per parameter tensor."""
 
-    savefield_default, method = "batch_l2", "batch_l2"
+    savefield_default = "batch_l2"
+
+    def compute(self, rule: Rule, module: Module, io: IO, g: Tensor, name: str) -> Tensor:
+        """``rule.batch_l2``."""
+        return rule.batch_l2(module, io, g, name)
 
     def from_batch_grad(self, grad_batch: Tensor) -> Tensor:
+        """``sum_P g_n**2`` per sample."""
         return grad_batch.flatten(1).square().sum(1)
 
 
 class SumGradSquared(FirstOrderExtension):
     """Second moment ``sum_grad_squared = sum_n g_n**2`` ``[*P]``."""
 
-    savefield_default, method = "sum_grad_squared", "sum_grad_squared"
+    savefield_default = "sum_grad_squared"
+
+    def compute(self, rule: Rule, module: Module, io: IO, g: Tensor, name: str) -> Tensor:
+        """``rule.sum_grad_squared``."""
+        return rule.sum_grad_squared(module, io, g, name)
 
     def from_batch_grad(self, grad_batch: Tensor) -> Tensor:
+        """``sum_n g_n**2``."""
         return grad_batch.square().sum(0)
 
 
@@ -121,11 +140,13 @@ class Variance(FirstOrderExtension):
     savefield_default = "variance"
 
     def compute(self, rule: Rule, module: Module, io: IO, g: Tensor, name: str) -> Tensor:
+        """Second moment minus squared mean, both over the batch."""
         n = _batch_size(rule, module, g)
         second = rule.sum_grad_squared(module, io, g, name) / n
         return second - (rule.grad(module, io, g, name) / n).square()
 
     def from_batch_grad(self, grad_batch: Tensor) -> Tensor:
+        """The biased variance over the samples."""
         return grad_batch.var(0, unbiased=False)
 
 

@@ -7,7 +7,8 @@ from typing import Any
 
 from torch.nn import Module
 
-from backpack.extensions.base import BackpropExtension, Call
+from backpack.engine.call import Call
+from backpack.extensions.base import BackpropExtension
 from backpack.extensions.module_extension import ModuleExtension
 
 _FAIL_MODES = ("ERROR", "WARNING", "SILENT")

@@ -1,145 +1,22 @@
-"""Second-order machinery: quantities that flow backward from the loss through every module.
-
-A *stream* says what flows (a square root of the loss Hessian, exact or sampled; for the
-Hessian also the residual terms of curved layers), how it starts at a loss and how it passes a
-module. Extensions that need the same stream share one backpropagation of it. Flowing values are
-keyed by the autograd identity ``(node, output index)`` of the tensor they belong to.
-"""
+"""Base class of second-order extensions: store a reduction of what their stream brings."""
 
 from __future__ import annotations
 
-import warnings
-from collections import Counter
-from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import Tensor
 
-from backpack.extensions.base import BackpropExtension, Call
-from backpack.extensions.reuse import Pieces, is_mixed, start_mixed
-from backpack.extensions.secondorder.watch import watch_gradients
-
-COUPLED = "coupled"  # origin-key prefix: columns [v * n_src, n, ...] span every sample
-
-
-def _is_coupled(origin: Any) -> bool:
-    return isinstance(origin, tuple) and origin[0] == COUPLED
-
-
-def _couple(origin: Any, mat: Tensor) -> tuple[Any, Tensor]:
-    """Per-sample factor ``[v, n, ...]`` -> coupled ``[v * n, n, ...]``: column ``(v, m)`` is
-    ``S_v`` on sample ``m`` and zero elsewhere (costs ``n`` times the memory)."""
-    v, n = mat.shape[:2]
-    eye = torch.eye(n, dtype=mat.dtype, device=mat.device).view(1, n, n, *[1] * (mat.dim() - 2))
-    return (COUPLED, origin), (mat.unsqueeze(1) * eye).reshape(v * n, n, *mat.shape[2:])
-
-
-@dataclass(frozen=True)
-class Stream:
-    """Signed factors ``{origin: (sign, S [v, n, *out])}``; ``sum sign S S^T`` is the curvature
-    w.r.t. a module's output.
-
-    Each loss is an origin with its exact (or, with ``mc_samples``, sampled) factor. Factors of one
-    origin that reach a tensor along several paths are summed; different origins stay separate
-    (their columns are unrelated). With ``residuals`` (the Hessian instead of the GGN) each curved
-    layer adds its residual ``sum_k g_k d2out_k/din2`` as signed factors (for an elementwise layer
-    ``diag(f'' g)`` split into positive and negative parts).
-
-    A factor's column lives on one sample (block-diagonal curvature) until a module whose rule
-    ``couples_samples`` (BatchNorm with batch statistics): there it is re-keyed ``(COUPLED,
-    origin)`` and expanded to ``[v * n, n, *out]`` so every column may span all samples; rules
-    map it unchanged (their ``v`` is arbitrary).
-    """
-
-    mc_samples: int | None = None
-    residuals: bool = False
-    # MC: independent sets of ``mc_samples`` columns drawn at the loss, one per repetition of
-    # a sample in ``subsampling`` (``[0, 0]``: two), so each entry gets its own draw
-    draws: int = 1
-    # whether an extension stores the loss's own columns (SqrtGGNExact): streams differing in
-    # this alone are one stream; it flows the rule's columns if one of its extensions stores
-    # them, else the fewest the rule can give (cross-entropy: C - 1 per position)
-    stores_columns: bool = field(default=False, compare=False)
-
-    def start(self, call: Call, scale: float, lean: bool = False) -> dict:
-        if self.mc_samples is None and lean:
-            root = call.rule.sqrt_hessian_lean(call.module, call.io)
-        elif self.mc_samples is None:
-            root = call.rule.sqrt_hessian(call.module, call.io)
-        else:
-            sampled = call.rule.sqrt_hessian_sampled
-            roots = [sampled(call.module, call.io, self.mc_samples) for _ in range(self.draws)]
-            root = roots[0] if self.draws == 1 else torch.cat(roots)  # [draws * m, n, *out]
-        tag = getattr(call.rule, "origin_tag", None)
-        origin = (tag, id(call.io)) if tag else id(call.io)
-        return {origin: (1.0, root if scale == 1.0 else root * scale**0.5)}
-
-    def propagate(self, call: Call, terms: dict) -> list[dict]:
-        """The signed factors w.r.t. each input of the module (one dict per input)."""
-        outs: list[dict] = [{} for _ in range(max(len(call.in_keys), 1))]
-
-        def put(origin: Any, sign: float, mats: Any) -> None:
-            for i, m in enumerate(mats if isinstance(mats, tuple) else (mats,)):
-                if m is not None:
-                    outs[i][origin] = (sign, m)
-
-        couples = getattr(call.rule, "couples_samples", lambda _: False)(call.module)
-        for o, (s, m) in terms.items():
-            if couples and not _is_coupled(o):
-                o, m = _couple(o, m)
-            put(o, s, _jac_t(call, m))
-        tag = getattr(call.rule, "closes_tag", None)
-        if tag and all(isinstance(o, tuple) and o[0] == tag for o in outs[0]):
-            return [{o[1]: t for o, t in outs[0].items()}]  # the loss already holds this residual
-        for i, (sign, r) in enumerate(self.residual_factors(call)):
-            put((COUPLED, (id(call.io), i)) if couples else (id(call.io), i), sign, r)
-        return [o or None for o in outs]
-
-    def residual_factors(self, call: Call) -> list[tuple[float, Any]]:
-        """The module's Hessian residual as signed factors (none for the GGN)."""
-        if not self.residuals:
-            return []
-        return call.rule.residual_factors(call.module, call.io, call.g)
-
-    @staticmethod
-    def accumulate(old: dict, new: dict) -> dict:
-        merged = dict(old)
-        for o, (s, m) in new.items():
-            merged[o] = (s, merged[o][1] + m) if o in merged else (s, m)
-        for o in [o for o in merged if (COUPLED, o) in merged]:  # one origin, both forms: couple
-            s, m = merged.pop(o)
-            key, m = _couple(o, m)
-            merged[key] = (s, merged[key][1] + m)
-        return merged
-
-
-_OWNER = "_backpack_owner"  # tensor attribute: the key of the tensor it is the factor for
-
-
-def _jac_t(call: Call, mat: Tensor) -> Any:
-    """``J^T mat`` to each input. A rule's fresh result is tagged with the input it flows to;
-    reaching that tensor's module untouched (no extension saw it: it has no parameters),
-    it is overwritten where the rule can."""
-    rule, module, io = call.rule, call.module, call.io
-    mine = getattr(mat, _OWNER, None) == call.out_key
-    if mine and rule.jac_t_mat_prod_ and not call.params():
-        return rule.jac_t_mat_prod_(module, io, mat)
-    out = rule.jac_t_mat_prod(module, io, mat)
-    if rule.fresh_jac_t:
-        outs = out if isinstance(out, tuple) else (out,)
-        ptrs = [t.untyped_storage().data_ptr() for t in (mat, *outs) if t is not None]
-        for t, key in zip(outs, call.in_keys):
-            fresh = t is not None and ptrs.count(t.untyped_storage().data_ptr()) == 1
-            if fresh and t.is_contiguous():  # not a view of mat or of another input's factor
-                setattr(t, _OWNER, key)
-    return out
+from backpack.engine.call import Call
+from backpack.engine.reuse import Pieces
+from backpack.engine.streams import _subsample
+from backpack.extensions.base import BackpropExtension
 
 
 class SecondOrderExtension(BackpropExtension):
     """An extension storing, per parameter, a reduction of what its stream brings to a module."""
 
     def expects_backpropagation_quantities(self) -> bool:
+        """Second-order extensions backpropagate factors of the loss Hessian."""
         return True
 
     sum_batch = True
@@ -147,11 +24,15 @@ class SecondOrderExtension(BackpropExtension):
     def param_value(self, call: Call, io: Any, terms: dict, name: str) -> Tensor:
         """``sum_k sign_k diag(J^T S_k S_k^T J)`` for parameter ``name`` (per sample unless
         ``sum_batch``); ``io`` and ``terms`` possibly subsampled. Override for other reductions.
-        Coupled factors give ``sum_v (sum_n J_n^T S_vn)^2`` (whole batch only)."""
+        Coupled factors give ``sum_v (sum_n J_n^T S_vn)^2`` (whole batch only).
+
+        Returns:
+            ``[*param]`` (``[n, *param]`` unless ``sum_batch``).
+        """
         module, rule = call.module, call.rule
 
         def diag(origin: Any, mat: Tensor) -> Tensor:
-            if not _is_coupled(origin):
+            if not origin.coupled:
                 return rule.param_diag(module, io, mat, name, sum_batch=self.sum_batch)
             if not self.sum_batch or self.subsampling is not None:
                 raise _coupled_error(self, module)
@@ -160,7 +41,8 @@ class SecondOrderExtension(BackpropExtension):
         return sum(sign * diag(o, mat) for o, (sign, mat) in terms.items())
 
     def store(self, call: Call, flowing: Any) -> None:
-        call.rule.check(call.module, call.io, self)
+        """Store ``param_value`` of each parameter, from the factors ``flowing`` here."""
+        self.check_module(call)
         io, flowing = _subsample(call, flowing, self.subsampling, self.stream)
         for name, param in call.params():
             setattr(param, self.savefield, self.param_value(call, io, flowing, name))
@@ -168,11 +50,11 @@ class SecondOrderExtension(BackpropExtension):
     # a module called several times in one forward: ``collect`` per call, ``finish`` once
     def collect(self, call: Call, pieces: Pieces, flowing: Any) -> None:
         """Add one call's linear pieces (see ``add_pieces``, ``add_mixed``) to ``pieces``."""
-        call.rule.check(call.module, call.io, self)
+        self.check_module(call)
         io, flowing = _subsample(call, flowing, self.subsampling, self.stream)
-        mixed = {o: t for o, t in flowing.items() if is_mixed(o)}
+        mixed = {o: t for o, t in flowing.items() if o.mixed}
         if mixed:
-            flowing = {o: t for o, t in flowing.items() if not is_mixed(o)}
+            flowing = {o: t for o, t in flowing.items() if not o.mixed}
         for name, _ in call.params():
             self.add_pieces(call, io, flowing, name, pieces)
             if mixed:
@@ -201,7 +83,7 @@ class SecondOrderExtension(BackpropExtension):
         module, rule = call.module, call.rule
 
         def jac_t(origin: Any, mat: Tensor) -> Tensor:
-            coupled = _is_coupled(origin)
+            coupled = origin.coupled
             if coupled and (not self.sum_batch or self.subsampling is not None):
                 raise _coupled_error(self, module)
             return rule.param_jac_t_mat_prod(module, io, mat, name, sum_batch=coupled)
@@ -211,15 +93,19 @@ class SecondOrderExtension(BackpropExtension):
     def finish_value(self, pieces: Pieces, name: str) -> Tensor:
         """``sum_k sign_k sum_v V_kv ** 2`` (per sample unless ``sum_batch``) of the summed
         pieces; an origin that arrived coupled in one call and per sample in another is
-        coupled (column ``(v, m)``: ``V_vm`` on sample ``m``)."""
+        coupled (column ``(v, m)``: ``V_vm`` on sample ``m``).
+
+        Returns:
+            ``[*param]`` (``[n, *param]`` unless ``sum_batch``).
+        """
         terms = pieces.terms(self._jac_t_key(name))
-        for o in [o for o in terms if (COUPLED, o) in terms]:
+        for o in [o for o in terms if o.has_coupled_form_in(terms)]:
             sign, v = terms.pop(o)
-            terms[(COUPLED, o)] = (sign, terms[(COUPLED, o)][1] + v.flatten(0, 1))
+            terms[o.as_coupled()] = (sign, terms[o.as_coupled()][1] + v.flatten(0, 1))
         value = 0
         for o, (sign, v) in terms.items():
             squares = v.square().sum(0)
-            if self.sum_batch and not _is_coupled(o):
+            if self.sum_batch and not o.coupled:
                 squares = squares.sum(0)
             value = value + sign * squares
         return value
@@ -231,122 +117,3 @@ def _coupled_error(ext: BackpropExtension, module: Any) -> NotImplementedError:
         "(BatchNorm with batch statistics), so per-sample or subsampled curvature "
         "is not defined. Use the whole-batch extension or model.eval()."
     )
-
-
-def mc_draws(mc_samples: int | None, subsampling: list[int] | None) -> int:
-    """MC streams: how often the most repeated sample occurs in ``subsampling`` (else 1)."""
-    if mc_samples is None or not subsampling:
-        return 1
-    return max(Counter(subsampling).values())
-
-
-def _subsample(call: Call, flowing: Any, idx: list[int] | None, stream: Any) -> tuple[Any, Any]:
-    """Restrict record and flowing matrices ``[v, n, ...]`` to the samples ``idx``. With
-    ``stream.draws > 1`` (MC, repeated samples) the flowing matrices hold ``draws`` sets of
-    columns ``[draws * m, n, ...]``; the ``k``-th repetition of a sample takes set ``k``."""
-    if idx is None:
-        return call.io, flowing
-    device = call.grads[0].device
-    io, _ = call.rule.subsample(call.module, call.io, call.grads[0], idx)
-    index = torch.tensor(idx, device=device)
-    draws = getattr(stream, "draws", 1)
-    if draws == 1:
-        return io, {o: (s, m.index_select(1, index)) for o, (s, m) in flowing.items()}
-    seen: Counter = Counter()
-    sets = []  # the repetition number of each entry
-    for i in idx:
-        sets.append(seen[i])
-        seen[i] += 1
-    sets = torch.tensor(sets, device=device)
-    return io, {
-        o: (s, m.unflatten(0, (draws, -1))[sets, :, index].movedim(0, 1))
-        for o, (s, m) in flowing.items()
-    }
-
-
-def _missing(call: Call, exts: list[BackpropExtension]) -> RuntimeError:
-    names = ", ".join(type(e).__name__ for e in exts)
-    return RuntimeError(
-        f"{names}: module {call.module} received no backpropagated quantity. Either the loss is "
-        "not extended (call extend(lossfunc)), the backward pass did not start at an extended "
-        "loss, or a function call between extended modules (x.view, +, torch.relu, ...) breaks "
-        "the chain: replace it by a module (nn.Flatten, nn.ReLU, ...) or use "
-        "extend(model, use_converter=True)."
-    )
-
-
-def _loss_scale(call: Call) -> float:
-    """Factor the loss output was multiplied by after the loss module (1 if untouched)."""
-    g = call.grads[0]
-    if g.numel() != 1:
-        raise ValueError(
-            f"{call.module}: second-order extensions need a scalar loss, got output shape "
-            f"{tuple(g.shape)}. Use reduction='mean' or 'sum'."
-        )
-    factor = g.item()
-    if factor != 1.0:
-        if factor <= 0:
-            raise ValueError(
-                f"The output of {call.module} was multiplied by {factor} <= 0 after the loss "
-                "module; its curvature has no square root. Differentiate the loss itself."
-            )
-        warnings.warn(
-            f"The output of {call.module} seems to have been modified (its gradient is "
-            f"{factor}, not 1); second-order quantities treat it as scaled by {factor}. Terms "
-            "added to the loss afterwards (regularisers) are not included.",
-            UserWarning,
-            stacklevel=2,
-        )
-    return factor
-
-
-def run_streams(
-    call: Call, exts: tuple[BackpropExtension, ...], flowing: dict, pieces: Pieces | None = None
-) -> None:
-    """At one module: fetch (or, at a loss, start) each stream, store results (or, for a
-    module called several times, add the call's ``pieces``), pass it on."""
-    groups: dict[Any, list[SecondOrderExtension]] = {}
-    for ext in exts:
-        if ext.stream is not None:
-            groups.setdefault(ext.stream, []).append(ext)
-    if not call.rule.is_loss:
-        watch_gradients(call)
-    for stream, group in groups.items():
-        if call.rule.is_loss:  # the root: what flows into the loss's input
-            call.rule.check(call.module, call.io, group[0])
-            # the loss's own columns where they are stored, or handed to set_module_extension
-            # handlers (BackPACK 1.7's [C, N, *out] for cross-entropy); else the fewest
-            lean = not any(
-                getattr(e.stream, "stores_columns", False) or e.module_exts for e in group
-            )
-            new = [stream.start(call, _loss_scale(call), lean)]
-        else:
-            value = flowing.pop((stream, *call.out_key), None)
-            if value is None:
-                raise _missing(call, group)
-            mine = value
-            if getattr(stream, "residuals", False) and any(map(is_mixed, value)):
-                # mixed second derivatives of a reused module belong to its calls only
-                mine = {o: t for o, t in value.items() if not is_mixed(o) or o[1] == id(pieces)}
-            for ext in group:
-                if pieces is None:
-                    ext.store(call, mine)
-                else:
-                    ext.collect(call, pieces, mine)
-            if not any(call.in_keys):  # the path ends here (the model's input)
-                getattr(stream, "end", lambda _: None)(value)
-                continue
-            new = stream.propagate(call, value)
-            new = new if isinstance(new, list) else [new]
-            if pieces is not None and getattr(stream, "residuals", False):
-                start_mixed(call, pieces, new)
-        send(flowing, stream, call.in_keys, new)
-
-
-def send(flowing: dict, stream: Any, in_keys: tuple, values: list) -> None:
-    """Hand what flows to each input (None: nothing) to the module producing it, accumulated
-    where one tensor feeds several modules."""
-    for key, value in zip(in_keys, values):
-        if key is not None and value is not None:
-            old = flowing.get((stream, *key))
-            flowing[(stream, *key)] = value if old is None else stream.accumulate(old, value)

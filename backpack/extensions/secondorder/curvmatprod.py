@@ -27,15 +27,11 @@ from torch.nn import Module
 from torch.utils._pytree import tree_map
 
 from backpack.derivatives.base import IO, Rule
-from backpack.extensions.base import Call
-from backpack.extensions.reuse import Pieces
-from backpack.extensions.secondorder.base import (
-    COUPLED,
-    SecondOrderExtension,
-    Stream,
-    _couple,
-    _is_coupled,
-)
+from backpack.engine.call import Call
+from backpack.engine.factors import couple
+from backpack.engine.reuse import Pieces
+from backpack.engine.streams import Stream
+from backpack.extensions.secondorder.base import SecondOrderExtension
 from backpack.extensions.secondorder.lazy import LAZY, LazyStream, lazy_product
 
 
@@ -103,7 +99,7 @@ def _columns(calls: list[dict]) -> tuple[list[Tensor], Tensor, Tensor] | None:
     if ref is None:
         return None
     signs = [torch.full((c,), float(s), dtype=ref.dtype) for s, c in origins.values()]
-    coupled = [torch.full((c, 1, 1), _is_coupled(o)) for o, (_, c) in origins.items()]
+    coupled = [torch.full((c, 1, 1), o.coupled) for o, (_, c) in origins.items()]
 
     def stacked(terms: dict) -> Tensor:
         shape = next(iter(terms.values()))[1].shape[1:]
@@ -122,23 +118,25 @@ def _couple_across_calls(calls: list[tuple[IO, dict]]) -> list[tuple[IO, dict]]:
     """An origin coupled (after BatchNorm with batch statistics) in one call and per sample in
     another is coupled in both, so its columns are the same columns in every call."""
     keys = {o for _, terms in calls for o in terms}
-    both = {o for o in keys if (COUPLED, o) in keys}
+    both = {o for o in keys if o.has_coupled_form_in(keys)}
     if not both:
         return calls
 
-    def couple(terms: dict) -> dict:
+    def coupled_terms(terms: dict) -> dict:
         out = {}
         for o, (s, m) in terms.items():
             if o in both:
-                o, m = _couple(o, m)
+                o, m = couple(o, m)
             out[o] = (s, m)
         return out
 
-    return [(io, couple(terms)) for io, terms in calls]
+    return [(io, coupled_terms(terms)) for io, terms in calls]
 
 
 class _CurvMatProd(SecondOrderExtension):
     """Stores, per parameter, the product with its block of the stream's curvature."""
+
+    accepts_coupled_samples = True  # a whole-batch curvature: defined where samples couple
 
     def __init__(self, savefield: str, residuals: bool):
         super().__init__(savefield)
@@ -169,10 +167,10 @@ class _CurvMatProd(SecondOrderExtension):
         pieces.sums.setdefault(("calls", self.savefield, name), []).append(entry)
 
     def add_mixed(self, call: Call, io: Any, mixed: dict, name: str, pieces: Pieces) -> None:
-        """The Hessian block between dependent calls (``backpack.extensions.reuse``): ``B +
+        """The Hessian block between dependent calls (``backpack.engine.reuse``): ``B +
         B^T`` with rows ``B[p] = J^T M_c[p]`` ``[P, P]`` for the mixed derivatives ``M_c``
         ``[P, n, *in]`` of downstream calls; GGNMP leaves it out."""
-        mats = [m for o, (_, m) in mixed.items() if o[2] == name]
+        mats = [m for o, (_, m) in mixed.items() if o.part[0] == name]  # part: (name, call)
         if not mats or not self.stream.residuals:
             return
         rule, module = call.rule, call.module

@@ -11,8 +11,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from backpack._state import STATE
 from backpack.derivatives.base import chunks
-from backpack.extensions.base import Call
+from backpack.engine.call import Call
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,12 @@ class DenseStream:
     """
 
     curvature: str = ""
+    # what the engine asks of every stream (see ``backpack.engine.streams.Stream``): one set
+    # of columns, none stored; residuals enter the dense block in ``propagate``, not as the
+    # per-factor residuals (and mixed terms of reused modules) the engine handles
+    draws = 1
+    stores_columns = False
+    residuals = False
 
     def start(self, call: Call, scale: float, lean: bool = True) -> Dense:
         """The loss Hessian ``S S^T`` ``[D, D]``: any root gives it (``lean`` is moot)."""
@@ -62,7 +69,7 @@ class DenseStream:
         again. Inputs that are one tensor (``mha(x, x, x)``) count once, with the summed ``J``.
         Cross blocks: with the other paths, pulled back per input; between inputs, new."""
         rule, module, g, dense = call.rule, call.module, call.grads[0], value.mat
-        if getattr(rule, "couples_samples", lambda _: False)(module):
+        if rule.couples_samples(module):
             raise NotImplementedError(
                 f"KFRA: {module} normalises with batch statistics, which couples the samples; "
                 "the batch-averaged dense block assumes independent samples. Call model.eval()."
@@ -163,9 +170,7 @@ class DenseStream:
 def _crosses() -> dict:
     """The cross blocks of the current ``backpack`` block: ``(path a, path b) -> [D_a, D_b]``
     (both orientations)."""
-    from backpack._context import STATE  # it imports the extensions
-
-    return STATE.flowing.setdefault(("kfra_crosses",), {})
+    return STATE.crosses
 
 
 def _partners(crosses: dict, branch: int) -> dict[int, Tensor]:

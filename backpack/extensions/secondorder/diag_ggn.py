@@ -6,7 +6,8 @@ Hessian (exact: ``c`` columns; MC: ``mc_samples`` sampled columns scaled by ``1/
 
 from __future__ import annotations
 
-from backpack.extensions.secondorder.base import SecondOrderExtension, Stream, mc_draws
+from backpack.engine.streams import Stream, mc_draws
+from backpack.extensions.secondorder.base import SecondOrderExtension
 
 
 class _DiagGGN(SecondOrderExtension):
@@ -17,6 +18,8 @@ class _DiagGGN(SecondOrderExtension):
 
 class DiagGGNExact(_DiagGGN):
     """``diag_ggn_exact`` ``[*P]``: the exact GGN diagonal."""
+
+    accepts_coupled_samples = True  # a whole-batch curvature: defined where samples couple
 
     def __init__(self, subsampling: list[int] | None = None):
         super().__init__("diag_ggn_exact", None, subsampling)
@@ -33,6 +36,8 @@ class BatchDiagGGNExact(_DiagGGN):
 
 class DiagGGNMC(_DiagGGN):
     """``diag_ggn_mc`` ``[*P]``: MC-Fisher diagonal with ``mc_samples`` sampled targets."""
+
+    accepts_coupled_samples = True  # a whole-batch curvature: defined where samples couple
 
     def __init__(self, mc_samples: int = 1, subsampling: list[int] | None = None):
         super().__init__("diag_ggn_mc", mc_samples, subsampling)

@@ -9,13 +9,16 @@ import torch
 from torch import Tensor
 
 from backpack.derivatives.base import chunks
-from backpack.extensions.base import Call
-from backpack.extensions.reuse import Pieces
-from backpack.extensions.secondorder.base import SecondOrderExtension, Stream
+from backpack.engine.call import Call
+from backpack.engine.reuse import Pieces
+from backpack.engine.streams import Stream
+from backpack.extensions.secondorder.base import SecondOrderExtension
 
 
 class DiagHessian(SecondOrderExtension):
     """``diag_h`` ``[*P]``: the exact Hessian diagonal."""
+
+    accepts_coupled_samples = True  # a whole-batch curvature: defined where samples couple
 
     def __init__(self, subsampling: list[int] | None = None):
         super().__init__("diag_h" if self.sum_batch else "diag_h_batch", subsampling)
@@ -23,7 +26,11 @@ class DiagHessian(SecondOrderExtension):
 
     def param_value(self, call: Call, io: Any, terms: dict, name: str) -> Tensor:
         """The backpropagated part plus the parameter's own residual (if the module's output
-        is not linear in it)."""
+        is not linear in it).
+
+        Returns:
+            ``[*param]`` (``[n, *param]`` unless ``sum_batch``).
+        """
         value = super().param_value(call, io, terms, name)
         g = call.view(self.subsampling)[1]
         own = call.rule.param_residual_diag(call.module, io, g, name, sum_batch=self.sum_batch)
@@ -43,7 +50,7 @@ class DiagHessian(SecondOrderExtension):
         """``2 diag(M_c dx_c/dtheta)`` for the mixed derivatives ``M_c`` ``[P, n, *in]`` of this
         parameter: entry ``p`` of ``J^T M_c[p]`` (chunks of columns: ``J^T M_c`` is
         ``[P, n, P]``)."""
-        mats = [m for o, (_, m) in mixed.items() if o[2] == name]
+        mats = [m for o, (_, m) in mixed.items() if o.part[0] == name]  # part: (name, call)
         if not mats:
             return
         shape = call.module.get_parameter(name).shape
@@ -65,6 +72,7 @@ class DiagHessian(SecondOrderExtension):
         pieces.add(("mixed", name, self.subsampling_key, self.sum_batch), diagonal)
 
     def finish_value(self, pieces: Pieces, name: str) -> Tensor:
+        """``SecondOrderExtension.finish_value`` plus the parameters' own residuals."""
         value = super().finish_value(pieces, name)
         for kind in ("param_residual", "mixed"):
             own = pieces.sums.get((kind, name, self.subsampling_key, self.sum_batch))
@@ -74,5 +82,7 @@ class DiagHessian(SecondOrderExtension):
 
 class BatchDiagHessian(DiagHessian):
     """``diag_h_batch`` ``[N, *P]``: per-sample Hessian diagonals (sum = DiagHessian)."""
+
+    accepts_coupled_samples = False  # per sample
 
     sum_batch = False

@@ -56,9 +56,9 @@ from torch import Tensor
 from backpack.derivatives.conv import ConvFamilyRule, ConvRule
 from backpack.derivatives.conv_transpose import ConvTransposeRule, _full_size_gap
 from backpack.derivatives.linear_form import LinearFormRule
-from backpack.extensions.base import Call
-from backpack.extensions.reuse import Pieces
-from backpack.extensions.secondorder.base import SecondOrderExtension, _is_coupled
+from backpack.engine.call import Call
+from backpack.engine.reuse import Pieces
+from backpack.extensions.secondorder.base import SecondOrderExtension
 from backpack.extensions.secondorder.dense import (
     Dense,
     DenseStream,
@@ -83,7 +83,7 @@ def _map_factors(factors: list, fn: Any, a_at: int = 1, at: tuple = ()) -> list:
 def _a_at(rule: Any) -> int:
     """Position of ``A`` in a weight's factors: 0 where the weight's rows index the input side
     (``W [in, out]``: Embedding, positional embeddings; rule attribute ``kron_input_rows``)."""
-    return 0 if getattr(rule, "kron_input_rows", False) else 1
+    return 0 if rule.kron_input_rows else 1
 
 
 def _group_blocks(mat: Tensor, groups: int) -> Tensor:
@@ -132,15 +132,15 @@ class KroneckerExtension(SecondOrderExtension):
             return
         if isinstance(flowing, Dense):
             flowing = flowing.mat
-        if isinstance(flowing, dict) and any(_is_coupled(o) for o in flowing):
+        if isinstance(flowing, dict) and any(o.coupled for o in flowing):
             raise NotImplementedError(
                 f"{type(self).__name__} on {call.module}: a later layer normalises with batch "
                 "statistics (BatchNorm in training mode), which couples the samples; Kronecker "
                 "factors assume independent samples (A is a second moment over the batch) and "
                 "are not defined. Call model.eval() or use DiagGGNExact/SqrtGGNExact."
             )
-        kron = getattr(call.rule, "kron_factors", None)
-        if kron is None and not isinstance(call.rule, LinearFormRule):
+        kron = call.rule.has_kron_factors()
+        if not kron and not isinstance(call.rule, LinearFormRule):
             raise NotImplementedError(
                 f"{type(self).__name__}: no Kronecker factorisation for {call.module} (parameters "
                 f"{[n for n, _ in params]}): Kronecker factors exist for weights acting as a "
@@ -150,8 +150,8 @@ class KroneckerExtension(SecondOrderExtension):
                 "Freeze these parameters (requires_grad=False) or use a diagonal extension "
                 "(DiagGGNExact) for them."
             )
-        call.rule.check(call.module, call.io, self)
-        if kron is not None:  # KFRA: G's columns on every sample, shared by all parameters
+        self.check_module(call)
+        if kron:  # KFRA: G's columns on every sample, shared by all parameters
             cols = None
             if isinstance(self.stream, DenseStream):
                 cols = columns(call, flowing, out_layout(call)[1])

@@ -26,10 +26,11 @@ from torch import Tensor
 from torch.nn import Module
 
 from backpack.derivatives.base import IO, Rule
-from backpack.extensions.base import Call
-from backpack.extensions.secondorder.base import Stream
+from backpack.engine.call import Call
+from backpack.engine.factors import OWN, Origin
+from backpack.engine.streams import Stream
 
-LAZY = "lazy"  # key of the lazy part among a stream's signed factors (sign +1)
+LAZY = Origin(0, kind=OWN)  # the lazy part among a stream's signed factors (sign +1)
 
 
 @dataclass(frozen=True, eq=False)

@@ -18,18 +18,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from backpack.extensions.base import Call
-from backpack.extensions.reuse import Pieces
-from backpack.extensions.secondorder.base import (
-    SecondOrderExtension,
-    Stream,
-    _coupled_error,
-    _is_coupled,
-    mc_draws,
-)
+from backpack.engine.call import Call
+from backpack.engine.reuse import Pieces
+from backpack.engine.streams import Stream, mc_draws
+from backpack.extensions.secondorder.base import SecondOrderExtension, _coupled_error
 
 
 class _SqrtGGN(SecondOrderExtension):
+    accepts_coupled_samples = True  # a whole-batch curvature: defined where samples couple
+
     def __init__(self, savefield: str, mc_samples: int | None, subsampling: list[int] | None):
         super().__init__(savefield, subsampling=subsampling)
         self.stream = Stream(
@@ -38,11 +35,18 @@ class _SqrtGGN(SecondOrderExtension):
 
     def param_value(self, call: Call, io, terms: dict, name: str) -> Tensor:
         """``J^T S`` ``[v, n, *P]`` per origin, concatenated; coupled origins: ``[v, m, *P]``,
-        the whole batch's ``sum_n J_n^T S_(v,m),n`` (see the module docstring)."""
+        the whole batch's ``sum_n J_n^T S_(v,m),n`` (see the module docstring).
+
+        Raises:
+            NotImplementedError: for coupled factors with per-sample or subsampled values.
+
+        Returns:
+            ``[sum_k v_k, n, *P]``.
+        """  # noqa: DOC501, DOC502 (_coupled_error builds it)
         jac_t, module = call.rule.param_jac_t_mat_prod, call.module
         parts = []
         for origin, (_, m) in terms.items():
-            if not _is_coupled(origin):
+            if not origin.coupled:
                 parts.append(jac_t(module, io, m, name, sum_batch=False))
             elif self.subsampling is not None:
                 raise _coupled_error(self, module)
@@ -56,7 +60,7 @@ class _SqrtGGN(SecondOrderExtension):
         coupled or not, a part is ``[v, n, *P]`` with the same columns, so the calls' add."""
         key = ("sqrt_ggn", *self._jac_t_key(name))
         for origin, term in terms.items():
-            plain = origin[1] if _is_coupled(origin) else origin
+            plain = origin.as_plain()
             part = {origin: term}
             pieces.add((*key, plain), lambda p=part: self.param_value(call, io, p, name))
 

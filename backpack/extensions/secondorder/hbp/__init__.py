@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from backpack.extensions.base import Call
+from backpack.engine.call import Call
+from backpack.engine.reuse import Pieces
+from backpack.engine.streams import Stream
 from backpack.extensions.curvature import Curvature
-from backpack.extensions.reuse import Pieces
-from backpack.extensions.secondorder.base import Stream
 from backpack.extensions.secondorder.curvmatprod import _curved_in_params, positive_curvature
 from backpack.extensions.secondorder.dense import DenseStream
 from backpack.extensions.secondorder.hbp.hbp_options import (
@@ -86,9 +86,11 @@ class HBP(KroneckerExtension):
         self.mc_samples = mc_samples
 
     def store(self, call: Call, flowing: Any) -> None:
+        """Store the factors from the square-root factors this curvature uses."""
         super().store(call, self._terms(call, flowing))
 
     def collect(self, call: Call, pieces: Pieces, flowing: Any) -> None:
+        """Add one call's pieces, from the square-root factors this curvature uses."""
         super().collect(call, pieces, self._terms(call, flowing))
 
     def _terms(self, call: Call, flowing: Any) -> Any:

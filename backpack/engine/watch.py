@@ -21,7 +21,9 @@ from weakref import WeakKeyDictionary
 import torch
 from torch import Tensor
 
-from backpack.extensions.base import Call
+import backpack._torch_private as _tp
+from backpack._state import STATE
+from backpack.engine.call import Call
 
 # STATE.watched (per thread): parameter -> [summed path gradient, hook handle, module, scale,
 # tolerance]; "task" -> the backward pass
@@ -33,9 +35,8 @@ def watch_gradients(call: Call) -> None:
     params = call.params()
     if not params:
         return
-    from backpack._context import STATE  # it imports the extensions
 
-    task = torch._C._current_graph_task_id()  # the backward pass (a module may run twice in one)
+    task = _tp.graph_task_id()  # the backward pass (a module may run twice in one)
     watched = STATE.watched
     if watched and watched.get("task") != task:  # left by a pass that raised before its end
         _clear(watched)
@@ -58,7 +59,7 @@ def watch_gradients(call: Call) -> None:
             entry[4] = max(entry[4], tol)
             continue
         if not watched:
-            torch.autograd.Variable._execution_engine.queue_callback(partial(_clear, watched))
+            _tp.queue_at_backward_end(partial(_clear, watched))
             watched["task"] = task
         compare = partial(_compare, watched, param, name)
         watched[param] = [paths[name], param.register_hook(compare), call.module, ref, tol]

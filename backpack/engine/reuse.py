@@ -12,8 +12,8 @@ The Hessian has one more term where a call's input depends on ``theta`` through 
 (a layer applied twice in a chain, a recurrence): ``d2L/dtheta_c dtheta_c'`` contains
 ``M_c dx_c/dtheta_c'`` with ``M_c = d/dx_c (sum_k g_ck dout_ck/dtheta)`` the mixed second
 derivative of call ``c``. ``M_c`` ``[P, n, *in]`` flows backward like a factor of origin
-``(MIXED, pieces, name, c)``, ignored by every other module; at an upstream call ``c'`` of the
-module, ``J_c'^T`` of it is ``M_c dx_c/dtheta_c'`` and its diagonal (twice: the block and its
+``Origin(pieces, (name, c), MIXED)``, ignored by every other module; at an upstream call ``c'``
+of the module, ``J_c'^T`` of it is ``M_c dx_c/dtheta_c'`` and its diagonal (twice: the block and its
 transpose) is added. Costs ``P`` columns per parameter: meant for small shared layers.
 """
 
@@ -28,16 +28,12 @@ from torch.func import grad, jvp, vmap
 from torch.nn import Module, Parameter
 from torch.utils._pytree import tree_flatten
 
+from backpack.derivatives.autograd import recorded, state_of
 from backpack.derivatives.base import IO, Rule
-from backpack.extensions.base import Call
+from backpack.engine.call import Call
+from backpack.engine.factors import MIXED, Factor, Origin
 
-MIXED = "mixed"  # origin-key prefix of mixed second derivatives (``mixed_factors``)
 MIXED_BUDGET = 1 << 28  # entries of one parameter's mixed second derivatives
-
-
-def is_mixed(origin: Any) -> bool:
-    """Whether ``origin`` keys a mixed second derivative (see the module docstring)."""
-    return isinstance(origin, tuple) and origin[0] == MIXED
 
 
 class Pieces:
@@ -104,9 +100,6 @@ def mixed_factors(
     as the engine keys them (None where not differentiated), by forward-over-reverse
     ``torch.func`` (one tangent per entry ``p`` of the parameter, every sample at once); None
     where all vanish (a bias)."""
-    # imported here: the autograd rules import the engine's context, which imports this
-    from backpack.derivatives.autograd import recorded, state_of
-
     state = state_of(module)
     theta = state.pop(name)
     leaves, pos, forward = recorded(module, io)
@@ -157,7 +150,8 @@ def start_mixed(call: Call, pieces: Pieces, new: list) -> None:
             continue
         for i, m in enumerate(mixed):
             if m is not None:
-                new[i] = {**(new[i] or {}), (MIXED, id(pieces), name, pieces.calls): (1.0, m)}
+                origin = Origin(id(pieces), (name, pieces.calls), MIXED)
+                new[i] = {**(new[i] or {}), origin: Factor(1.0, m)}
 
 
 def depends_on(keys: tuple, params: list[Tensor]) -> bool:

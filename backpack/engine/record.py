@@ -1,0 +1,120 @@
+"""The per-call record: what the backward driver needs of one forward call of a module.
+
+It is referenced only from the hook on the autograd node that produced the call's output, so it
+lives exactly as long as the autograd graph; the driver frees it after use.
+"""
+
+from __future__ import annotations
+
+import gc
+from typing import Any
+from weakref import WeakSet
+
+import torch
+from torch import Tensor
+from torch.nn import Module
+from torch.utils._pytree import tree_flatten, tree_map
+
+from backpack._state import current_state
+from backpack.derivatives.base import IO
+from backpack.engine.call import HANDLED_TYPES
+from backpack.registry import rule_for
+
+_HOLDING: WeakSet = WeakSet()  # records holding their node, a C++ node (``_drop_dead_nodes``)
+
+
+def _drop_dead_nodes() -> None:
+    """Free the records whose retained graph the user dropped.
+
+    A record holding the C++ node whose hook holds it is a cycle the collector sees only once
+    nothing else holds the node, so a dropped graph would be freed one node per collection
+    (upstream nodes are held by downstream ones). Exactly then the node's referents (its hook
+    dicts) become visible: dropping the node frees the record, and its upstream nodes in turn.
+    """
+    while dead := [r for r in _HOLDING if gc.get_referents(r.node)]:
+        for r in dead:
+            _HOLDING.discard(r)
+            r.node = None
+
+
+class _LiveRecords(WeakSet):
+    """The unreleased forward records of one module; copied and pickled empty with the
+    module (records belong to the autograd graph of one forward pass)."""
+
+    def __reduce__(self) -> tuple:
+        return (type(self), ())
+
+
+class _Record:
+    """What the backward driver needs of one forward call.
+
+    ``shared``: another call of the module was recorded while this one was alive, so both may
+    be reached in one backward pass and must sum their contributions (``_collect``); it takes
+    that path only if they may (``_reached_twice``), as a live record of an earlier, retained
+    graph marks the calls after it too. ``node``: the autograd node that runs this record, kept
+    once it ran in a retained graph (for ``_reached_twice``; see ``_drop_dead_nodes``).
+    """
+
+    __slots__ = (
+        "module", "rule", "io", "graph_inputs", "node", "in_keys", "out_nr", "shared", "state",
+        "lowp", "__weakref__",
+    )  # fmt: skip
+
+    def __init__(self, module: Module, args: tuple, kwargs: dict, output: Any, in_keys: tuple):
+        self.module = module
+        # the module's unreleased records (they leave it when released or with their graph);
+        # once two are live all are marked, so marking one other suffices
+        if _HOLDING:
+            _drop_dead_nodes()
+        live = module.__dict__.get("_backpack_calls")
+        if live is None:
+            live = module.__dict__["_backpack_calls"] = _LiveRecords()
+        self.shared = bool(live)  # cheap when empty, the common case
+        if self.shared:
+            next(iter(live)).shared = True
+        live.add(self)
+        self.out_nr = output.output_nr if isinstance(output, Tensor) else 0
+        self.rule = rule_for(module)  # hooked modules always have one (_wants_hook)
+        self.state = current_state()  # the backward hooks may run on another thread
+        keep_out = self.rule.needs_output or type(module) in HANDLED_TYPES
+        # under autocast, what ran in low precision is kept in float32 (the parameters' dtype
+        # of a model autocast applies to) so that every product in backward has one dtype
+        self.lowp = _autocast_dtype(output)
+        # detached: a hook whose closure reaches its own node through a stored tensor (the
+        # output, or an input that a later in-place op ties to this call) is a leaking cycle
+        inputs = tuple(_detach(a, self.lowp) for a in args)
+        out = _detach(output, self.lowp) if keep_out else None
+        self.io = IO(inputs, out, kwargs and _detach(kwargs, self.lowp))
+        # the inputs as given, for quantities differentiated after backward(create_graph=True):
+        # their nodes lie upstream of this call's, so no cycle (parametrised modules are never
+        # in place, whose input is their output)
+        self.graph_inputs = args if module._parameters or module._modules else None
+        if isinstance(output, Tensor):
+            self.rule.on_forward(module, self.io, output)
+        self.in_keys = in_keys
+        self.node = None  # the node running this record, once it ran in a retained graph
+
+    def release(self) -> None:
+        self.io = self.graph_inputs = self.node = None
+        self.module.__dict__["_backpack_calls"].discard(self)
+
+
+def _detach(obj: Any, lowp: torch.dtype | None = None) -> Any:
+    """``obj``'s tensors detached, those of dtype ``lowp`` (autocast's) cast to float32."""
+
+    def one(t: Any) -> Any:
+        if not isinstance(t, Tensor):
+            return t
+        return t.detach() if t.dtype != lowp else t.detach().float()
+
+    return one(obj) if isinstance(obj, Tensor) else tree_map(one, obj)
+
+
+def _autocast_dtype(output: Any) -> torch.dtype | None:
+    """The low-precision dtype of an autocast region active on ``output``'s device, or None."""
+    t = output if isinstance(output, Tensor) else None
+    if t is None:
+        t = next((x for x in tree_flatten(output)[0] if isinstance(x, Tensor)), None)
+    if t is None or not torch.is_autocast_enabled(t.device.type):
+        return None
+    return torch.get_autocast_dtype(t.device.type)

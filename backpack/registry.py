@@ -1,0 +1,54 @@
+"""The registry: which rule computes the Jacobian products of which module type.
+
+``register`` fills the table (the built-in rules when ``backpack.derivatives`` is imported, users'
+rules with ``@backpack.register``); ``rule_for`` reads it, falling back to the automatic rule
+that ``backpack.derivatives.automatic`` installs with ``set_fallback``. A leaf module: the rules
+import it, it imports no rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch.nn import Module
+
+_RULES: dict[type, Any] = {}  # module type -> rule instance (a ``backpack.Rule``)
+_FALLBACK: list[Callable[[Module], Any]] = [lambda module: None]
+
+
+def register(*module_types: type) -> Callable[[type], type]:
+    """Class decorator: use (an instance of) this rule for exactly these module types.
+
+    Users register rules for their own layers the same way; a later registration wins.
+
+    Args:
+        *module_types: the module classes (exact type match, no subclasses).
+
+    Returns:
+        The decorator, which returns the rule class unchanged.
+    """
+
+    def deco(cls: type) -> type:
+        for t in module_types:
+            _RULES[t] = cls()
+        return cls
+
+    return deco
+
+
+def rule_for(module: Module) -> Any:
+    """The rule registered for ``type(module)`` (exact type match); else the fallback rule
+    (``backpack.derivatives.automatic``: a ``torch.func`` rule for losses, leaves and modules
+    with parameters of their own, None for containers).
+
+    Returns:
+        The rule (a ``backpack.Rule``), or None for a container.
+    """
+    rule = _RULES.get(type(module))
+    return _FALLBACK[0](module) if rule is None else rule
+
+
+def set_fallback(fallback: Callable[[Module], Any]) -> None:
+    """Make ``fallback(module)`` the rule of modules of unregistered types."""
+    _FALLBACK[0] = fallback
