@@ -395,12 +395,14 @@ def test_memory_flat_with_reuse():
         model.zero_grad()
         _run(model, lossfunc, x, y, *(exts if i % 2 else exts[:2]))
 
-    for i in range(5):
-        step(i)
-    gc.collect()
-    before = sum(isinstance(o, torch.Tensor) for o in gc.get_objects())
-    for i in range(40):
-        step(i)
-    gc.collect()
-    assert sum(isinstance(o, torch.Tensor) for o in gc.get_objects()) <= before
+    def tensors_after_20_steps() -> int:
+        for i in range(20):
+            step(i)
+        gc.collect()
+        return sum(isinstance(o, torch.Tensor) for o in gc.get_objects())
+
+    # two like windows (a leak grows each): under coverage and xdist, the first window once
+    # ended with 25 tensors more than a count before it, one-off, not reproduced since
+    first = tensors_after_20_steps()
+    assert tensors_after_20_steps() <= first
     assert not _live_records()
