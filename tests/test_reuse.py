@@ -401,8 +401,7 @@ def test_memory_flat_with_reuse():
         gc.collect()
         return sum(isinstance(o, torch.Tensor) for o in gc.get_objects())
 
-    # two like windows (a leak grows each): under coverage and xdist, the first window once
-    # ended with 25 tensors more than a count before it, one-off, not reproduced since
+    # two like windows: a leak grows in each, a one-off allocation only in the first
     first = tensors_after_20_steps()
     assert tensors_after_20_steps() <= first
     assert not _live_records()
