@@ -39,6 +39,7 @@ class _State:
     shared: dict = field(default_factory=dict)  # module called several times -> its Pieces
     shared_task: int = -1  # the backward pass ``shared`` belongs to
     watched: dict = field(default_factory=dict)  # gradient watches of the backward pass
+    session: Any = None  # the recording of function calls of a forward pass (engine.ops)
 
 
 # strict in every thread (set_strict; default from the environment variable BACKPACK_STRICT)

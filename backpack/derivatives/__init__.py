@@ -13,6 +13,7 @@ from backpack.derivatives import (
     losses,  # noqa: F401
     losses_extra,  # noqa: F401
     normalization,  # noqa: F401
+    ops,  # noqa: F401
     padding,  # noqa: F401
     pooling,  # noqa: F401
     position,  # noqa: F401

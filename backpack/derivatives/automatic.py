@@ -347,14 +347,12 @@ _AUTOGRAD, _AUTOGRAD_LOSS = AutogradRule(), AutogradLossRule()
 
 
 def automatic_rule(module: Module) -> Rule | None:
-    """The automatic rule of a module without a registered one: losses, leaves and modules with
-    parameters of their own; None for containers (their submodules have rules)."""
+    """The automatic rule of a module without a registered one: losses and leaves; None for
+    modules with children (their submodules have rules, and the function calls between them,
+    reading the module's own parameters too, are recorded: ``backpack.engine.ops``)."""
     if isinstance(module, _Loss):
         return _AUTOGRAD_LOSS
-    leaf = next(module.children(), None) is None
-    if leaf or next(module.parameters(recurse=False), None) is not None:
-        return _AUTOGRAD
-    return None
+    return _AUTOGRAD if next(module.children(), None) is None else None
 
 
 set_fallback(automatic_rule)

@@ -20,6 +20,7 @@ import backpack._torch_private as _tp
 from backpack._state import STATE, logger
 from backpack.custom_module.graph_utils import convert_module_to_backpack
 from backpack.engine.driver import _on_output_grad, _run
+from backpack.engine.ops import root_hook, root_pre_hook
 from backpack.engine.record import _Record
 from backpack.engine.streams import send
 from backpack.registry import rule_for
@@ -113,6 +114,11 @@ def extend(module: Module, debug: bool = False, use_converter: bool = False) -> 
     """
     if use_converter:
         module = convert_module_to_backpack(module, debug)
+    if rule_for(module) is None and not _is_root(module):
+        # a model: record the function calls between its modules (``backpack.engine.ops``)
+        module.register_forward_pre_hook(root_pre_hook, with_kwargs=True)
+        module.register_forward_hook(root_hook, with_kwargs=True, always_call=True)
+        _EXTENDED.add(module)
     for m in module.modules():
         if not _wants_hook(m):
             continue
@@ -123,6 +129,7 @@ def extend(module: Module, debug: bool = False, use_converter: bool = False) -> 
         if debug:
             logger.info("Extending %s", m)
         m.register_forward_hook(_forward_hook, with_kwargs=True)
+        m.register_forward_pre_hook(_enter)
         if getattr(m, "inplace", False):
             m.register_forward_pre_hook(_pre_hook)
     return module
@@ -135,13 +142,18 @@ def _is_hooked(m: Module) -> bool:
     return any(h is _forward_hook for h in _tp.forward_hook_dicts(m)[0].values())
 
 
+def _is_root(m: Module) -> bool:
+    return any(h is root_hook for h in _tp.forward_hook_dicts(m)[0].values())
+
+
 def remove_hooks() -> None:
     """Take backpack's hooks off every module ``extend`` hooked (BackPACK's
     ``CTX.remove_hooks()``); the ``_backpack_extend`` flags stay, ``extend`` hooks again."""
     for m in list(_EXTENDED):
         forward, pre, with_kwargs = _tp.forward_hook_dicts(m)
         for hooks in (forward, pre):
-            for k in [k for k, h in hooks.items() if h is _forward_hook or h is _pre_hook]:
+            ours = (_forward_hook, _pre_hook, _enter, root_hook, root_pre_hook)
+            for k in [k for k, h in hooks.items() if any(h is f for f in ours)]:
                 del hooks[k]
                 with_kwargs.pop(k, None)
     _EXTENDED.clear()
@@ -162,9 +174,28 @@ def _pre_hook(module: Module, args: tuple) -> None:
         _PENDING_KEYS[module] = _keys(args)
 
 
+def _enter(module: Module, args: tuple) -> None:
+    """The function calls inside an extended module are its own (not recorded as ops)."""
+    session = STATE.session
+    if session is not None:
+        session.depth += 1
+
+
 def _forward_hook(module: Module, args: tuple, kwargs: dict, output: Any) -> Any:
     if torch.compiler.is_compiling():  # torch.compile: record eagerly, between two graphs
         return torch.compiler.disable(_forward_hook)(module, args, kwargs, output)
+    session = STATE.session
+    if session is None or not session.depth:
+        return _record_call(module, args, kwargs, output)
+    try:  # the depth drops after the hook: the engine's own tensor calls are not recorded
+        if session.depth == 1 and session.module_output(module, args, kwargs, output):
+            return None  # parameters and constants only, no batch axis: replayed by its users
+        return _record_call(module, args, kwargs, output)
+    finally:
+        session.depth -= 1
+
+
+def _record_call(module: Module, args: tuple, kwargs: dict, output: Any) -> Any:
     # inside torch.func transforms (a user's vmap/grad, or our own rules) nothing is recorded
     if not STATE.store_io or not torch.is_grad_enabled() or _tp.in_functorch_transform():
         return None

@@ -1,0 +1,221 @@
+"""Torch function calls between extended modules (``x + h``, ``x.view(...)``, ``torch.cat``,
+``F.gelu``, ``torch.matmul``, ...), recorded in forward (``backpack.engine.ops``) as ``Op``
+pseudo-modules, so that every rule-based quantity flows through them.
+
+An ``Op`` replays one call: ``forward(*xs)`` is the function applied to the recorded arguments
+with the tensors that flow in the graph (``xs``) put back, constants as recorded, and the
+parameters it reads (its own ``p0, p1, ...``, so ``functional_call`` can differentiate them).
+A tensor computed from parameters and constants alone without the batch axis (a position
+embedding of ids ``[1, T]``, ``gamma.reshape(1, -1, 1, 1)``) is a ``Derived``: replayed from
+the parameters inside each call that consumes it, so that call's per-sample quantities cover
+those parameters (autograd would sum their gradient over the batch before any hook saw it).
+
+``OpRule`` is the automatic ``torch.func`` rule without its warning (recorded calls are
+expected to have none); ``MergeRule`` adds the exact backward of a view that merges the batch
+with the axes after it (``logits.view(-1, C)`` of ``[N, T, C]``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.nn import Module, Parameter
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from backpack._state import disable
+from backpack.derivatives.automatic import AutogradRule
+from backpack.derivatives.base import IO, Request
+from backpack.registry import register
+
+IN, CONST, PARAM, DERIVED = range(4)  # kinds of the tensor arguments of a recorded call
+MAX_BLOCK = 4096  # largest parameter whose exact curvature block Kronecker extensions store
+
+
+def func_name(func: Any) -> str:
+    """A readable name of a torch function (``torch.cat``, ``Tensor.view``)."""
+    name = getattr(func, "__name__", repr(func))
+    owner = getattr(func, "__objclass__", None) or getattr(func, "__self__", None)
+    if owner is not None and hasattr(owner, "__name__"):
+        return f"{owner.__name__}.{name}"
+    module = getattr(func, "__module__", None) or ""
+    return f"{module.replace('torch.nn.functional', 'F')}.{name}" if module else name
+
+
+def is_inplace(func: Any) -> bool:
+    """Whether ``func`` writes into its first argument (``add_``, ``__iadd__``, setitem)."""
+    name = getattr(func, "__name__", "")
+    if name.startswith("__"):
+        return name.startswith("__i") and name != "__init__" or name == "__setitem__"
+    return name.endswith("_")
+
+
+class Call:
+    """One call ``func(*args, **kwargs)`` with its tensor arguments sorted by kind: the leaves
+    of ``(args, kwargs)``, ``None`` where an input flows in (``IN``) or a parameter or derived
+    tensor is put in at replay."""
+
+    __slots__ = ("func", "spec", "leaves", "slots", "inplace", "out_index")
+
+    def __init__(self, func: Any, spec: Any, leaves: list, slots: list, out_index: int | None):
+        self.func, self.spec, self.leaves, self.slots = func, spec, leaves, slots
+        self.inplace = is_inplace(func)
+        self.out_index = out_index  # several outputs: which float output this call gives
+
+    def params(self) -> list[Parameter]:
+        """The parameters read, directly or through derived tensors (in order, once each)."""
+        found: dict[int, Parameter] = {}
+        for kind, ref in self.slots:
+            if kind == PARAM:
+                found.setdefault(id(ref), ref)
+            elif kind == DERIVED:
+                for p in ref.params():
+                    found.setdefault(id(p), p)
+        return list(found.values())
+
+    def replay(self, xs: tuple, lookup: Any) -> Tensor:
+        """The call with inputs ``xs`` and each parameter ``p`` as ``lookup(p)``."""
+        leaves, it = list(self.leaves), iter(xs)
+        for pos, (kind, ref) in enumerate(self.slots):
+            if kind == IN:
+                leaves[pos] = next(it)
+            elif kind == PARAM:
+                leaves[pos] = lookup(ref)
+            elif kind == DERIVED:
+                leaves[pos] = ref.replay(lookup)
+        args, kwargs = tree_unflatten(leaves, self.spec)
+        if self.inplace:  # on a copy: the recorded input stays as it was
+            args = (args[0].clone(), *args[1:])
+            out = self.func(*args, **kwargs)
+            out = args[0]
+        else:
+            out = self.func(*args, **kwargs)
+        if self.out_index is None:
+            return out
+        return [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)][self.out_index]
+
+
+class Derived:
+    """A tensor computed from parameters and constants only, without the batch axis: one
+    function call (``call``) or one extended module's call (``module``, ``args``)."""
+
+    __slots__ = ("call", "module", "args", "kwargs")
+
+    def __init__(self, call: Call | None = None, module: Module | None = None, args: tuple = (),
+                 kwargs: dict | None = None):  # fmt: skip
+        self.call, self.module, self.args, self.kwargs = call, module, args, kwargs or {}
+
+    def params(self) -> list[Parameter]:
+        if self.call is not None:
+            return self.call.params()
+        return [p for p in self.module.parameters() if p.requires_grad]
+
+    def replay(self, lookup: Any) -> Tensor:
+        if self.call is not None:
+            return self.call.replay((), lookup)
+        state = {k: lookup(p) for k, p in self.module.named_parameters()}
+        with disable():
+            return torch.func.functional_call(self.module, state, self.args, self.kwargs)
+
+
+class Op(Module):
+    """A recorded function call as a module: ``forward(*xs)`` replays it (module docstring).
+    Its parameters ``p0, p1, ...`` are the parameters the call reads (the same objects: what
+    extensions store on them lands on the model's parameters)."""
+
+    def __init__(self, call: Call, batch: int | None):
+        super().__init__()
+        self.call = call
+        self.batch = batch  # the model's batch size in this forward pass
+        self._names: dict[int, str] = {}
+        for i, p in enumerate(call.params()):
+            self.register_parameter(f"p{i}", p)
+            self._names[id(p)] = f"p{i}"
+
+    def forward(self, *xs: Tensor) -> Tensor:
+        return self.call.replay(xs, self._lookup)
+
+    def _lookup(self, p: Tensor) -> Tensor:
+        name = self._names.get(id(p))
+        return p if name is None else getattr(self, name)  # functional_call swaps these
+
+    def extra_repr(self) -> str:
+        return func_name(self.call.func)
+
+
+@register(Op)
+class OpRule(AutogradRule):
+    """A recorded call, differentiated by ``torch.func`` (``AutogradRule``) without a warning;
+    the recorded inputs suffice (no output kept, no fingerprint: torch functions are pure)."""
+
+    needs_output = False
+
+    def on_forward(self, module: Module, io: IO, output: Tensor) -> None:
+        pass
+
+    def check(self, module: Module, io: IO, request: Request | None) -> None:
+        pass
+
+    def param_names(self, module: Module) -> list[str]:
+        return [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+
+    def kron_factors(self, module: Module, io: IO, mat: Tensor, name: str) -> None:
+        """A parameter read by a function call (a class token, a layer scale) has no
+        Kronecker structure: Kronecker extensions store its exact ``[P, P]`` block ``[G]``.
+
+        Raises:
+            NotImplementedError: for a parameter of more than ``MAX_BLOCK`` entries.
+        """
+        numel = module.get_parameter(name).numel()
+        if numel > MAX_BLOCK:
+            raise NotImplementedError(
+                f"Kronecker extensions: the parameter of shape "
+                f"{tuple(module.get_parameter(name).shape)} read by {func_name(module.call.func)} "
+                f"between modules has no Kronecker structure, and its exact curvature block "
+                f"would have {numel}^2 entries. Freeze it (requires_grad=False) for these "
+                "extensions, or use a diagonal one (DiagGGNExact, DiagGGNMC) for it."
+            )
+        return None
+
+
+class Merge(Op):
+    """A view merging the batch with the ``k - 1`` axes after it: ``[N, a, ..., *rest] ->
+    [N * k, *rest]`` (``k = a * ...``)."""
+
+    def __init__(self, call: Call, batch: int | None, k: int):
+        super().__init__(call, batch)
+        self.k = k
+
+
+@register(Merge)
+class MergeRule(OpRule):
+    """Each merged row is a sample of what follows (a token of a language model's loss): its
+    columns stay on their own row, so ``[v, N * k, *rest]`` maps to ``[v * k, N, a, ...,
+    *rest]`` with column ``(v, j)`` nonzero only at row ``j`` of its sample (``k`` times the
+    columns; summing them instead would add the cross terms between rows)."""
+
+    def jac_t_mat_prod(self, module: Module, io: IO, mat: Tensor) -> Tensor:
+        return unmerge(mat, module.k, io.inputs[0].shape)
+
+
+def unmerge(mat: Tensor, k: int, in_shape: tuple) -> Tensor:
+    """``[v, N * k, *rest] -> [v * k, *in_shape]``, column ``(v, j)`` on merged row ``j``."""
+    v, n = mat.shape[0], in_shape[0]
+    rows = mat.reshape(v, n, k, -1)
+    out = rows.new_zeros(v, k, n, k, rows.shape[-1])
+    idx = torch.arange(k, device=mat.device)
+    out[:, idx, :, idx] = rows.permute(2, 0, 1, 3)
+    return out.reshape(v * k, *in_shape)
+
+
+def merged_rows(in_shape: tuple, out_shape: tuple) -> int | None:
+    """``k`` if ``out_shape`` merges the first axes of ``in_shape`` (``[N, a, b, *rest] ->
+    [N * a * b, *rest]``), else None."""
+    for t in range(2, len(in_shape) + 1):
+        if tuple(in_shape[t:]) == tuple(out_shape[1:]):
+            k = math.prod(in_shape[1:t])
+            if k > 1 and out_shape[0] == in_shape[0] * k:
+                return k
+    return None
