@@ -21,8 +21,10 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.nn import Module, Parameter
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from backpack._state import disable
@@ -86,8 +88,11 @@ class Call:
             elif kind == DERIVED:
                 leaves[pos] = ref.replay(lookup)
         args, kwargs = tree_unflatten(leaves, self.spec)
+        if self.func is F.scaled_dot_product_attention:  # the fused kernels lack forward AD
+            with sdpa_kernel(SDPBackend.MATH):
+                return self.func(*args, **kwargs)
         if self.inplace:  # on a copy: the recorded input stays as it was
-            args = (args[0].clone(), *args[1:])
+            args = (args[0].clone(memory_format=torch.contiguous_format), *args[1:])
             out = self.func(*args, **kwargs)
             out = args[0]
         else:

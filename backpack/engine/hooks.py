@@ -19,7 +19,9 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 import backpack._torch_private as _tp
 from backpack._state import STATE, logger
 from backpack.custom_module.graph_utils import convert_module_to_backpack
+from backpack.derivatives.ops import merged_rows, unmerge
 from backpack.engine.driver import _on_output_grad, _run
+from backpack.engine.factors import Factor
 from backpack.engine.ops import root_hook, root_pre_hook
 from backpack.engine.record import _Record
 from backpack.engine.streams import send
@@ -69,23 +71,44 @@ _VIEW_NODES = frozenset(
 def _bridge_identity_view(t: Tensor) -> None:
     """Second-order quantities reaching ``t``, a view of a tensor of the same shape
     (``f.view(-1, C)`` of an ``[N, C]`` output before the loss, as laplace-torch does; chains
-    of such views included), pass on to that tensor unchanged."""
-    node, src = t.grad_fn, None
+    of such views included), pass on to that tensor unchanged; through a view that merges the
+    batch with the axes after it (``logits.view(-1, V)`` of ``[N, T, V]``: each token a sample
+    of the loss) they pass on with each merged row's columns kept apart (``unmerge``)."""
+    node, src, shape, merged = t.grad_fn, None, tuple(t.shape), None
     while type(node).__name__ in _VIEW_NODES and len(node.next_functions) == 1:
-        if _tp.saved_self_sizes(node) != tuple(t.shape):
-            break
+        sizes = _tp.saved_self_sizes(node)
+        if sizes != shape:
+            k = merged_rows(sizes, shape) if sizes is not None and merged is None else None
+            if k is None:
+                break
+            merged, shape = (k, sizes), sizes
         src = node.next_functions[0]
         node = src[0]
     if src is not None and src[0] is not None:
         # the hook finds its node by _current_autograd_node: binding it would be a leaking cycle
-        t.grad_fn.register_prehook(partial(_pass_on, src))
+        t.grad_fn.register_prehook(partial(_pass_on, src, merged))
 
 
-def _pass_on(src: tuple, grads: tuple) -> None:
+def _pass_on(src: tuple, merged: tuple | None, grads: tuple) -> None:
     flowing = STATE.flowing
     node = _tp.current_node()
     for key in [k for k in flowing if k[1] is node]:  # (stream, node, output index)
-        send(flowing, key[0], (src,), [flowing.pop(key)])
+        value = flowing.pop(key)
+        if merged is not None:
+            value = _unmerged(value, *merged)
+        send(flowing, key[0], (src,), [value])
+
+
+def _unmerged(value: Any, k: int, shape: tuple) -> dict:
+    """Factors ``{origin: (sign, [v, N * k, *rest])}`` through a batch-merging view."""
+    if not isinstance(value, dict):
+        raise NotImplementedError(
+            f"backpack: a view merging the batch with the next axes (to shape {shape}) before "
+            "the loss is followed by the diagonal, square-root and Kronecker extensions; this "
+            "extension's backpropagated quantity cannot pass it. Keep the batch axis of the "
+            "loss input that of the model output."
+        )
+    return {o: Factor(s, unmerge(m, k, shape)) for o, (s, m) in value.items()}
 
 
 def _wants_hook(module: Module) -> bool:

@@ -117,6 +117,9 @@ class Session(TorchFunctionMode):
         xs = tuple(t for t, (kind, _) in zip(leaves, call.slots) if kind == IN)
         if before is not None and call.slots[0][0] == IN:
             xs = (before, *xs[1:])
+        # expanded inputs (``cls.expand(n, -1, -1)``) as dense copies: forward-mode AD (the
+        # Hessian residuals) cannot attach a tangent to overlapping memory
+        xs = tuple(_dense(x) for x in xs)
         if not xs and not self.batched(out):  # parameters and constants only
             self.derived[(out.grad_fn, out.output_nr)] = Derived(call)
             return
@@ -164,6 +167,11 @@ def _constants(leaves: list, slots: list) -> list:
         (t.detach() if isinstance(t, Tensor) else t) if kind == CONST else None
         for t, (kind, _) in zip(leaves, slots)
     ]
+
+
+def _dense(t: Tensor) -> Tensor:
+    expanded = any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape))
+    return t.detach().contiguous() if expanded else t
 
 
 def _detached(obj: Any) -> Any:

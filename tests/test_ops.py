@@ -1,0 +1,257 @@
+"""Function calls between extended modules (``backpack.engine.ops``): every extension through
+functional code, parameters outside leaf modules, tensors derived from parameters alone,
+batch-merging views; calls that drop the batch axis raise; nothing outlives the graph."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from backpack import backpack, extend
+from backpack.derivatives.ops import Op
+from backpack.extensions import (
+    KFAC,
+    KFLR,
+    BatchDiagGGNExact,
+    BatchDiagHessian,
+    BatchGrad,
+    BatchL2Grad,
+    DiagGGNExact,
+    DiagGGNMC,
+    DiagHessian,
+    SqrtGGNExact,
+    SumGradSquared,
+    Variance,
+)
+from tests.cases import DTYPE
+from tests.oracles import assert_first_order_and_diagonals, ggn_block, ggn_diag, per_sample_grads
+
+ALL = [
+    BatchGrad(), BatchL2Grad(), SumGradSquared(), Variance(), DiagGGNExact(), BatchDiagGGNExact(),
+    DiagHessian(), BatchDiagHessian(), DiagGGNMC(),
+]  # fmt: skip
+
+
+class Residual(nn.Module):
+    """``h + l2(gelu(h))``, a scaled skip, ``mean`` over a middle axis, a constant product."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2, self.out = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.l1(x).view(x.shape[0], 2, 3).transpose(1, 2).reshape(-1, 6)
+        h = h + self.l2(F.gelu(h)) * 0.5
+        h = torch.stack([h, torch.tanh(h)], 1).mean(1) * torch.linspace(1, 2, 6, dtype=h.dtype)
+        return self.out(h)
+
+
+class Attention(nn.Module):
+    """Self-attention written with functions: ``chunk`` into q, k, v (several outputs), heads
+    by ``view``/``transpose``, ``matmul`` and ``softmax``, rotary-like ``cat`` of slices,
+    ``F.scaled_dot_product_attention``, pooling by indexing."""
+
+    def __init__(self, d: int = 4, heads: int = 2):
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.proj, self.head = nn.Linear(d, 3 * d), nn.Linear(d, d), nn.Linear(d, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, t, d = x.shape
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        q, k, v = (z.view(n, t, self.heads, -1).transpose(1, 2) for z in (q, k, v))
+        q = torch.cat([-q[..., 1:], q[..., :1]], -1) * 0.7 + q
+        a = torch.softmax(q @ k.transpose(-1, -2) / 2.0, dim=-1) @ v
+        b = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        h = x + self.proj((a + b).transpose(1, 2).reshape(n, t, d))
+        return self.head(h[:, 0] + h.sum(1))
+
+
+class Tokens(nn.Module):
+    """Parameters outside leaf modules: a class token (``expand`` + ``cat``), a position
+    embedding added in place, a layer scale derived by ``reshape``, an in-place write."""
+
+    def __init__(self, d: int = 4, t: int = 3):
+        super().__init__()
+        self.embed = nn.Linear(2, d)
+        self.cls = nn.Parameter(torch.randn(1, 1, d))
+        self.pos = nn.Parameter(torch.randn(1, t + 1, d))
+        self.gamma = nn.Parameter(torch.randn(d))
+        self.mlp, self.head = nn.Linear(d, d), nn.Linear(d, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.cat([self.cls.expand(x.shape[0], -1, -1), self.embed(x)], 1)
+        h += self.pos
+        h = h + self.mlp(h).mul(self.gamma.reshape(1, 1, -1))
+        h[:, 1] = torch.sin(h[:, 2].clone())
+        return self.head(h[:, 0])
+
+
+class Positions(nn.Module):
+    """Position embeddings of ids ``[1, T]`` broadcast over the batch (BERT, GPT-2)."""
+
+    def __init__(self, v: int = 5, d: int = 4, t: int = 3):
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(v, d), nn.Embedding(t, d)
+        self.register_buffer("ids", torch.arange(t).unsqueeze(0))
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.tok(x) + self.pos(self.ids[:, : x.shape[1]])
+        return self.head(torch.tanh(h).mean(1))
+
+
+def _problem(name: str, n: int = 3):
+    torch.manual_seed(0)
+    if name == "positions":
+        return Positions().to(DTYPE), torch.randint(0, 5, (n, 3))
+    model = {"residual": Residual, "attention": Attention, "tokens": Tokens}[name]()
+    shape = {"residual": (4,), "attention": (3, 4), "tokens": (3, 2)}[name]
+    return model.to(DTYPE), torch.randn(n, *shape, dtype=DTYPE)
+
+
+NAMES = ["residual", "attention", "tokens", "positions"]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("name", NAMES)
+def test_every_extension_through_functions(name: str, reduction: str):
+    model, x = _problem(name)
+    y = torch.randint(0, 3, (x.shape[0],))
+    model, lossfunc = extend(model), extend(nn.CrossEntropyLoss(reduction=reduction))
+    with backpack(*ALL):
+        lossfunc(model(x), y).backward()
+    params = dict(model.named_parameters())
+    assert_first_order_and_diagonals(params, model, lossfunc, x, y)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_sqrt_ggn_and_kronecker_factors(name: str):
+    """The square root's outer product is the GGN block; Kronecker factors of parameters read
+    by function calls are their exact block (``[G]``); with MSE on a final linear layer and
+    batch size one, KFLR's ``G`` is exact as usual."""
+    model, x = _problem(name)
+    y = torch.randint(0, 3, (x.shape[0],))
+    model, lossfunc = extend(model), extend(nn.CrossEntropyLoss())
+    with backpack(SqrtGGNExact(), KFLR(), KFAC()):
+        lossfunc(model(x), y).backward()
+    for key, p in model.named_parameters():
+        root = p.sqrt_ggn_exact.flatten(0, 1).flatten(1)
+        torch.testing.assert_close(root.T @ root, ggn_block(model, lossfunc, x, y, key))
+        assert len(p.kfac) == len(p.kflr) and all(f.dim() == 2 for f in p.kflr)
+        if len(p.kflr) == 1 and key in ("cls", "pos", "gamma"):
+            torch.testing.assert_close(p.kflr[0], ggn_block(model, lossfunc, x, y, key))
+
+
+class LanguageModel(nn.Module):
+    """Logits ``[N, T, V]``; with ``flat`` the model itself returns ``logits.view(-1, V)``."""
+
+    def __init__(self, flat: bool, v: int = 5, d: int = 4):
+        super().__init__()
+        self.flat, self.v = flat, v
+        self.tok, self.mix, self.head = nn.Embedding(v, d), nn.Linear(d, d), nn.Linear(d, v)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.tok(x)
+        h = h + torch.tanh(self.mix(h)).cumsum(1)  # tokens depend on earlier tokens
+        logits = self.head(h)
+        return logits.view(-1, self.v) if self.flat else logits
+
+
+@pytest.mark.parametrize("flat", [True, False], ids=["view-in-model", "view-before-loss"])
+def test_language_model_tokens_are_loss_samples(flat: bool):
+    """``logits.view(-1, V)`` to a cross-entropy over ``N * T`` tokens: the GGN keeps the
+    tokens' blocks apart (their cross terms are not in the loss Hessian); per-sample gradients
+    are per sequence."""
+    torch.manual_seed(0)
+    n, t, v = 3, 4, 5
+    model = LanguageModel(flat).to(DTYPE)
+    x, y = torch.randint(0, v, (n, t)), torch.randint(0, v, (n * t,))
+    lossfunc = nn.CrossEntropyLoss()
+    flat_model = model if flat else nn.Sequential(model, nn.Flatten(0, 1))
+    want = ggn_diag(flat_model, lossfunc, x, y)
+    grads = {}
+    for i in range(n):  # per sequence: its tokens' share of the mean over all tokens
+        out = model(x[i : i + 1]).reshape(-1, v)
+        loss = F.cross_entropy(out, y[i * t : (i + 1) * t], reduction="sum") / (n * t)
+        for (k, p), g in zip(
+            model.named_parameters(), torch.autograd.grad(loss, model.parameters())
+        ):
+            grads.setdefault(k, []).append(g)
+    model, lossfunc = extend(model), extend(lossfunc)
+    with backpack(BatchGrad(), DiagGGNExact()):
+        out = model(x)
+        lossfunc(out if flat else out.view(-1, v), y).backward()
+    for key, p in model.named_parameters():
+        torch.testing.assert_close(p.diag_ggn_exact, want[("" if flat else "0.") + key])
+        torch.testing.assert_close(p.grad_batch, torch.stack(grads[key]))
+
+
+class Mixes(nn.Module):
+    def __init__(self, how: str):
+        super().__init__()
+        self.how, self.l1, self.l2 = how, nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.l1(x)
+        if self.how == "mean":
+            h = h - h.mean(0)  # batch statistics
+        else:
+            h = h.transpose(0, 1).flip(0).transpose(0, 1).flip(0)  # samples reordered
+        return self.l2(h)
+
+
+@pytest.mark.parametrize("ext", [BatchGrad(), DiagGGNExact()], ids=repr)
+def test_call_dropping_the_batch_axis_raises(ext):
+    """``h - h.mean(0)`` couples the samples; the error names the call and the extension."""
+    model, lossfunc = extend(Mixes("mean").to(DTYPE)), extend(nn.CrossEntropyLoss())
+    x, y = torch.randn(5, 4, dtype=DTYPE), torch.randint(0, 3, (5,))
+    with pytest.raises(NotImplementedError, match=rf"{type(ext).__name__}: the call .*mean"):
+        with backpack(ext):
+            lossfunc(model(x), y).backward()
+    lossfunc(model(x), y).backward()  # outside a backpack block: plain autograd
+
+
+def test_first_order_without_second_order_cost():
+    """First-order extensions on a model with function calls: per-sample gradients of a model
+    whose function calls read no parameters equal the oracle (the calls run no rule)."""
+    model, x = _problem("attention")
+    y = torch.randint(0, 3, (x.shape[0],))
+    want = per_sample_grads(model, nn.CrossEntropyLoss(), x, y)
+    model, lossfunc = extend(model), extend(nn.CrossEntropyLoss())
+    with backpack(BatchGrad()):
+        lossfunc(model(x), y).backward()
+    for key, p in model.named_parameters():
+        torch.testing.assert_close(p.grad_batch, want[key])
+
+
+def _ops_alive() -> int:
+    gc.collect()
+    return sum(type(o) is Op for o in gc.get_objects())
+
+
+def test_records_of_calls_live_as_long_as_the_graph():
+    """Recorded calls are freed with their graph: after backward, and for a forward pass that
+    is never differentiated; none are made inside torch.no_grad or outside the model."""
+    model, x = _problem("tokens")
+    y = torch.randint(0, 3, (x.shape[0],))
+    model, lossfunc = extend(model), extend(nn.CrossEntropyLoss())
+    before = _ops_alive()
+    out = model(x)
+    assert _ops_alive() > before
+    refs = [weakref.ref(o) for o in gc.get_objects() if type(o) is Op]
+    del out
+    assert _ops_alive() == before and all(r() is None for r in refs)
+    for _ in range(3):
+        with backpack(DiagGGNExact()):
+            lossfunc(model(x), y).backward()
+    assert _ops_alive() == before
+    with torch.no_grad():
+        model(x)
+    torch.tanh(x).sum()  # outside the model's forward: not recorded
+    assert _ops_alive() == before
