@@ -93,6 +93,24 @@ def test_softmax_dim_and_hook_dicts_and_ddp_sink():
     assert isinstance(tp.DDP_SINK_NODE, type)
 
 
+def test_mode_steps_aside_and_comes_back():
+    seen = []
+
+    class Mode(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    x = torch.ones(2)
+    with Mode() as mode:
+        assert _tp.pop_mode_if_top(mode) and not _tp.pop_mode_if_top(mode)
+        torch.tanh(x)
+        assert not seen
+        _tp.push_mode(mode)
+        torch.tanh(x)
+        assert seen == [torch.tanh]
+
+
 def test_private_apis_only_through_the_wrappers():
     private = re.compile(
         r"torch\._C\b|_execution_engine|getrefcount|_get_softmax_dim|_saved_[a-z]|_DDPSink"

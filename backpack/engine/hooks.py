@@ -201,7 +201,7 @@ def _enter(module: Module, args: tuple) -> None:
     """The function calls inside an extended module are its own (not recorded as ops)."""
     session = STATE.session
     if session is not None:
-        session.depth += 1
+        session.enter_module()
 
 
 def _forward_hook(module: Module, args: tuple, kwargs: dict, output: Any) -> Any:
@@ -215,7 +215,7 @@ def _forward_hook(module: Module, args: tuple, kwargs: dict, output: Any) -> Any
             return None  # parameters and constants only, no batch axis: replayed by its users
         return _record_call(module, args, kwargs, output)
     finally:
-        session.depth -= 1
+        session.exit_module()
 
 
 def _record_call(module: Module, args: tuple, kwargs: dict, output: Any) -> Any:

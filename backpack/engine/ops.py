@@ -56,11 +56,13 @@ class Session(TorchFunctionMode):
         self.batch = batch
         self.depth = 0  # extended modules running (their inner calls are theirs)
         self.roots = 1  # nested roots (a model extended inside an extended model)
+        self.off = False  # taken off the mode stack while an extended module runs
         self.derived: dict[tuple, Derived] = {}  # (node, output index) -> its replay
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None):
         kwargs = kwargs or {}
         if self.depth or not torch.is_grad_enabled() or _tp.in_functorch_transform():
+            # inside an extended module whose mode could not step aside, grad off, torch.func
             return func(*args, **kwargs)
         leaves, spec = tree_flatten((args, kwargs))
         if not any(isinstance(t, Tensor) and t.requires_grad for t in leaves):
@@ -136,6 +138,19 @@ class Session(TorchFunctionMode):
             module = Op(call, self.batch)
         record = _Record(module, xs, {}, out, in_keys)
         out.grad_fn.register_prehook(partial(_on_output_grad, record))
+
+    def enter_module(self) -> None:
+        """An extended module starts: step aside (its calls are its own)."""
+        if not self.depth:
+            self.off = _tp.pop_mode_if_top(self)
+        self.depth += 1
+
+    def exit_module(self) -> None:
+        """The extended module's forward hook is done: record again."""
+        self.depth -= 1
+        if not self.depth and self.off:
+            _tp.push_mode(self)
+            self.off = False
 
     def batched(self, t: Tensor) -> bool:
         """Whether ``t`` has the batch axis first (always, where the batch size is unknown)."""
@@ -223,4 +238,7 @@ def root_hook(module: Module, args: tuple, kwargs: dict, output: Any) -> None:
     session.roots -= 1
     if session.roots == 0:
         STATE.session = None
+        if session.depth:  # a module's forward raised: the mode may be off the stack
+            session.depth = 1
+            session.exit_module()
         session.__exit__(None, None, None)
