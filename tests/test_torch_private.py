@@ -103,10 +103,10 @@ def test_mode_steps_aside_and_comes_back():
 
     x = torch.ones(2)
     with Mode() as mode:
-        assert _tp.pop_mode_if_top(mode) and not _tp.pop_mode_if_top(mode)
+        assert tp.pop_mode_if_top(mode) and not tp.pop_mode_if_top(mode)
         torch.tanh(x)
         assert not seen
-        _tp.push_mode(mode)
+        tp.push_mode(mode)
         torch.tanh(x)
         assert seen == [torch.tanh]
 
