@@ -193,28 +193,138 @@ def test_language_model_tokens_are_loss_samples(flat: bool):
 
 
 class Mixes(nn.Module):
+    """A call across the batch axis 0; with batch 4 and 4 features some keep the shape."""
+
     def __init__(self, how: str):
         super().__init__()
         self.how, self.l1, self.l2 = how, nn.Linear(4, 4), nn.Linear(4, 3)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.l1(x)
-        if self.how == "mean":
-            h = h - h.mean(0)  # batch statistics
-        else:
-            h = h.transpose(0, 1).flip(0).transpose(0, 1).flip(0)  # samples reordered
+        h = {
+            "mean": lambda: h - h.mean(0),  # batch statistics
+            "transpose": lambda: h.transpose(0, 1),  # [4, 4]: the shape alone hides it
+            "t": lambda: h.t(),
+            "permute": lambda: h.permute(1, 0),
+            "flip": lambda: torch.flip(h, [0]),
+            "softmax": lambda: torch.softmax(h, 0),
+            "cumsum": lambda: h.cumsum(dim=0),
+            "batch_norm": lambda: F.batch_norm(h, None, None, training=True),
+        }[self.how]()
         return self.l2(h)
 
 
+MIXES = ["mean", "transpose", "t", "permute", "flip", "softmax", "cumsum", "batch_norm"]
+
+
+@pytest.mark.parametrize("how", MIXES)
 @pytest.mark.parametrize("ext", [BatchGrad(), DiagGGNExact()], ids=repr)
-def test_call_dropping_the_batch_axis_raises(ext):
-    """``h - h.mean(0)`` couples the samples; the error names the call and the extension."""
-    model, lossfunc = extend(Mixes("mean").to(DTYPE)), extend(nn.CrossEntropyLoss())
-    x, y = torch.randn(5, 4, dtype=DTYPE), torch.randint(0, 3, (5,))
-    with pytest.raises(NotImplementedError, match=rf"{type(ext).__name__}: the call .*mean"):
+def test_call_across_the_batch_axis_raises(ext, how: str):
+    """Calls that mix or move the samples raise, naming the call and the extension, also where
+    the batch size equals another axis's size; plain autograd is untouched."""
+    model, lossfunc = extend(Mixes(how).to(DTYPE)), extend(nn.CrossEntropyLoss())
+    x, y = torch.randn(4, 4, dtype=DTYPE), torch.randint(0, 3, (4,))
+    with pytest.raises(NotImplementedError, match=rf"{type(ext).__name__}: the (call|module) "):
         with backpack(ext):
             lossfunc(model(x), y).backward()
     lossfunc(model(x), y).backward()  # outside a backpack block: plain autograd
+
+
+class Dropouts(nn.Module):
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind, self.l1, self.l2 = kind, nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.l1(x))
+        if self.kind == "dropout":
+            h = F.dropout(h, 0.5, training=True)
+        else:
+            h = F.dropout1d(h.unsqueeze(-1), 0.5, training=True).squeeze(-1)
+        return self.l2(h)
+
+
+def test_functional_dropout_in_training_records_its_mask(monkeypatch):
+    """``F.dropout`` in training mode between modules: a product with its recorded mask,
+    exact for every extension (against the same model with that mask as a constant)."""
+    import backpack.engine.ops as ops
+
+    masks = []
+    draw = ops._dropout_mask
+    monkeypatch.setattr(
+        ops, "_dropout_mask", lambda *a, **k: masks.append(draw(*a, **k)) or masks[-1]
+    )
+    torch.manual_seed(0)
+    model = extend(Dropouts("dropout").to(DTYPE))
+    lossfunc = extend(nn.CrossEntropyLoss())
+    x, y = torch.randn(5, 4, dtype=DTYPE), torch.randint(0, 3, (5,))
+    with backpack(BatchGrad(), DiagGGNExact()):
+        lossfunc(model(x), y).backward()
+    (mask,) = masks
+
+    def fixed(x: Tensor, m: Tensor) -> Tensor:
+        return model.l2(torch.relu(model.l1(x)) * m)
+
+    params = list(model.parameters())
+    rows = [
+        torch.autograd.grad(
+            lossfunc(fixed(x[i : i + 1], mask[i : i + 1]), y[i : i + 1]) / 5, params
+        )
+        for i in range(5)
+    ]
+    out = fixed(x, mask)
+    jac = [torch.autograd.grad(o, params, retain_graph=True) for o in out.flatten()]
+    hess = torch.func.hessian(lambda o: lossfunc(o, y))(out.detach()).flatten(2).flatten(0, 1)
+    for j, (key, p) in enumerate(model.named_parameters()):
+        torch.testing.assert_close(p.grad_batch, torch.stack([r[j] for r in rows]))
+        jp = torch.stack([g[j].flatten() for g in jac])  # [out entries, P]
+        want = torch.einsum("ap,ab,bp->p", jp, hess, jp).view_as(p)
+        torch.testing.assert_close(p.diag_ggn_exact, want)
+
+
+def test_random_calls_raise_for_second_order_only():
+    model, lossfunc = extend(Dropouts("dropout1d").to(DTYPE)), extend(nn.CrossEntropyLoss())
+    x, y = torch.randn(5, 4, dtype=DTYPE), torch.randint(0, 3, (5,))
+    with backpack(BatchGrad()):
+        lossfunc(model(x), y).backward()
+    assert model.l1.weight.grad_batch.shape == (5, 6, 4)
+    with pytest.raises(NotImplementedError, match=r"DiagGGNExact: the call .*dropout1d.* random"):
+        with backpack(DiagGGNExact()):
+            lossfunc(model(x), y).backward()
+
+
+class SequenceFirst(nn.Module):
+    """An LSTM with the batch on axis 1, its last step taken by indexing."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn, self.head = nn.LSTM(3, 4), nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.rnn(x)[0][-1]))
+
+
+def test_batch_size_from_a_sequence_first_layer():
+    """The batch size comes from the first layer whose batch axis is not 0: indexing the last
+    step of ``[T, N, H]`` keeps the samples."""
+    torch.manual_seed(0)
+    model = SequenceFirst().to(DTYPE)
+    x, y = torch.randn(6, 4, 3, dtype=DTYPE), torch.randint(0, 3, (4,))
+    lossfunc = nn.CrossEntropyLoss()
+    grads = {}
+    for i in range(4):
+        loss = lossfunc(model(x[:, i : i + 1]), y[i : i + 1]) / 4
+        for (k, _), g in zip(
+            model.named_parameters(), torch.autograd.grad(loss, model.parameters())
+        ):
+            grads.setdefault(k, []).append(g)
+    model, lossfunc = extend(model), extend(lossfunc)
+    with backpack(BatchGrad(), DiagGGNExact()):
+        lossfunc(model(x), y).backward()
+    want = ggn_diag(model, lossfunc, x, y)
+    for key, p in model.named_parameters():
+        torch.testing.assert_close(p.grad_batch, torch.stack(grads[key]))
+        torch.testing.assert_close(p.diag_ggn_exact, want[key])
 
 
 def test_first_order_without_second_order_cost():
