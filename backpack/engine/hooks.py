@@ -20,7 +20,7 @@ import backpack._torch_private as _tp
 from backpack._state import STATE, logger
 from backpack.custom_module.graph_utils import convert_module_to_backpack
 from backpack.engine.driver import _on_output_grad, _run
-from backpack.engine.record import _Record
+from backpack.engine.record import _Record, tie
 from backpack.engine.streams import send
 from backpack.registry import rule_for
 
@@ -108,14 +108,17 @@ def extend(module: Module, debug: bool = False, use_converter: bool = False) -> 
     ``_backpack_extend`` flag says (clients reset it and extend again); ``remove_hooks``
     (``backpack.context.CTX.remove_hooks()``) takes the hooks off.
 
+    Hooked modules owning a common Parameter object (tied weights) sum their contributions
+    to it (``record.tie``): tie the weights before ``extend``, or call ``extend`` again after.
+
     Returns:
         ``module`` itself, or its converted copy with ``use_converter=True``.
     """
     if use_converter:
         module = convert_module_to_backpack(module, debug)
-    for m in module.modules():
-        if not _wants_hook(m):
-            continue
+    hooked = [m for m in module.modules() if _wants_hook(m)]
+    tie(hooked)  # modules owning a common Parameter object sum their calls' contributions
+    for m in hooked:
         _EXTENDED.add(m)  # hooked now, or already (also converter copies of hooked modules)
         m._backpack_extend = True
         if _is_hooked(m):
@@ -152,7 +155,8 @@ def memory_cleanup(module: Module) -> None:
     backpropagated with extensions (BackPACK's ``memory_cleanup``): a later backward pass
     with extensions through those calls raises."""
     for record in list(module.__dict__.get("_backpack_calls", ())):
-        record.release()
+        if record.module is module:  # the set may be that of modules with tied parameters
+            record.release()
 
 
 def _pre_hook(module: Module, args: tuple) -> None:
