@@ -16,7 +16,6 @@ from torch import nn
 from backpack import backpack, extend
 from backpack.custom_module.branching import SumModule
 from backpack.custom_module.permute import Permute
-from backpack.custom_module.reduce_tuple import ReduceTuple
 from backpack.engine.record import _Record
 from backpack.extensions import (
     GGNMP,
