@@ -343,3 +343,30 @@ def test_memory_flat_and_nothing_left_on_modules():
     for m in model.modules():
         assert set(m.__dict__) <= before[m] | {"_backpack_calls"}
         assert not m.__dict__.get("_backpack_calls")
+
+
+def test_untie_after_extend_and_extend_again():
+    """Weights untied after ``extend``: ``extend`` again gives each module its own records."""
+    model, lossfunc, x, y = _problem(Chain)
+    extend(model)
+    model.second.weight = nn.Parameter(model.first.weight.detach().clone())
+    extend(model)
+    assert model.first.__dict__["_backpack_calls"] is not model.second.__dict__["_backpack_calls"]
+    loss = lossfunc(model(x), y)
+    assert not any(r.shared for r in _live_records())
+    ref = per_sample_grads(model, lossfunc, x, y)
+    with backpack(BatchGrad()):
+        loss.backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad_batch, ref[name])
+
+
+def test_modules_extended_separately_are_tied():
+    """The owners of a parameter are known across ``extend`` calls (any hooked module)."""
+    model, lossfunc, x, y = _problem(Parallel)
+    for m in (model.a, model.b, model.act, model.add, model.head):
+        extend(m)
+    ref = per_sample_grads(model, lossfunc, x, y)
+    _run(model, lossfunc, x, y, BatchGrad())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad_batch, ref[name])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Iterable
+from functools import partial
 from typing import Any
 from weakref import WeakSet, ref
 
@@ -76,12 +77,10 @@ def tie(modules: Iterable[Module]) -> None:
     that records calls of modules of its own (functional calls) may call it for them.
     """
     modules = list(modules)
-    for k in [k for k, (r, _) in _OWNERS.items() if r() is None]:
-        del _OWNERS[k]
     for m in modules:
         for p in owned(m):
-            if id(p) not in _OWNERS:
-                _OWNERS[id(p)] = (ref(p), WeakSet())
+            if id(p) not in _OWNERS:  # the entry leaves with its parameter
+                _OWNERS[id(p)] = (ref(p, partial(_forget, id(p))), WeakSet())
             _OWNERS[id(p)][1].add(m)
     done: set[int] = set()
     for m in modules:
@@ -91,25 +90,42 @@ def tie(modules: Iterable[Module]) -> None:
         while stack:  # the modules reached through common parameters
             for p in owned(stack.pop()):
                 for peer in _OWNERS.get(id(p), (None, ()))[1]:
-                    if id(peer) not in group:
+                    # a peer that no longer owns it (weights untied since) is no peer
+                    if id(peer) not in group and any(q is p for q in owned(peer)):
                         group[id(peer)] = peer
                         stack.append(peer)
         done.update(group)
-        if len(group) > 1:
-            _join(list(group.values()))
+        _join(list(group.values()))
+
+
+def _forget(key: int, dead: ref) -> None:
+    if key in _OWNERS and _OWNERS[key][0] is dead:
+        del _OWNERS[key]
 
 
 def _join(group: list[Module]) -> None:
-    """One set of live records for the modules of ``group`` (their live records kept)."""
+    """One set of live records for exactly the modules of ``group`` (their live records kept;
+    a module untied from its former group gets a set of its own)."""
     sets = {id(s): s for m in group if (s := m.__dict__.get("_backpack_calls")) is not None}
-    if len(sets) == 1 and all("_backpack_calls" in m.__dict__ for m in group):
-        return
+    old = next(iter(sets.values()), None)
+    members = getattr(old, "members", None)
+    if len(group) == 1 and (members is None or len(members) <= 1):
+        return  # an untied module with its own set (or none yet): the common case
+    mine = all(m.__dict__.get("_backpack_calls") is old for m in group)
+    if mine and members is not None and set(map(id, members)) == set(map(id, group)):
+        return  # already exactly this group
     live = _LiveRecords()
     for s in sets.values():
-        live.update(s)
+        moved = [r for r in s if any(r.module is m for m in group)]
+        live.update(moved)
+        for r in moved:
+            s.discard(r)
+        for m in group:
+            getattr(s, "members", WeakSet()).discard(m)
     if len(live) > 1:
         for r in live:
             r.shared = True
+    live.members = WeakSet(group)
     for m in group:
         m.__dict__["_backpack_calls"] = live
 
