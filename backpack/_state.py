@@ -36,7 +36,7 @@ class _State:
     warned: set = field(default_factory=set)  # (module type, extension) pairs warned about
     flowing: dict = field(default_factory=dict)  # (stream, autograd node, output index) -> value
     crosses: dict = field(default_factory=dict)  # KFRA's cross blocks (secondorder.dense)
-    shared: dict = field(default_factory=dict)  # module called several times -> its Pieces
+    shared: dict = field(default_factory=dict)  # group of live records (record.tie) -> Pieces
     shared_task: int = -1  # the backward pass ``shared`` belongs to
     watched: dict = field(default_factory=dict)  # gradient watches of the backward pass
     session: Any = None  # the recording of function calls of a forward pass (engine.ops)

@@ -1,8 +1,9 @@
 """The backward driver: at one module call reached in backward, run the active extensions.
 
-A module called several times in one forward pass (its records marked ``shared``) has each
-call's linear pieces collected and its quantities stored at the end of the backward pass
-(``backpack.engine.reuse``); other calls take the direct path.
+A module called several times in one forward pass, or modules owning a common Parameter
+object (their records marked ``shared``), have each call's linear pieces collected per group
+and their quantities stored at the end of the backward pass (``backpack.engine.reuse``);
+other calls take the direct path.
 """
 
 from __future__ import annotations
@@ -112,14 +113,15 @@ def _graph_io(record: _Record, exts: tuple) -> IO:
 
 
 def _reached_twice(record: _Record) -> bool:
-    """Whether another live call of the record's module may run in this backward pass too:
+    """Whether another live call of the record's module (or group) may run in this backward
+    pass too:
     one was collected in it already, or one whose node is unknown (it never ran in a retained
     graph) or will run. Calls after a record of an earlier, retained graph that this pass does
     not reach take the direct path: summing costs per-sample pieces (``[v, n, *param]`` per
     call for the curvature diagonals; 10x the time of a retain-graph GGN loop)."""
-    if STATE.shared_task == _tp.graph_task_id() and record.module in STATE.shared:
+    calls = record.module.__dict__["_backpack_calls"]  # of the module's group (record.tie)
+    if STATE.shared_task == _tp.graph_task_id() and calls in STATE.shared:
         return True
-    calls = record.module.__dict__["_backpack_calls"]
     return any(r is not record and (r.node is None or _tp.will_execute(r.node)) for r in calls)
 
 
@@ -138,25 +140,28 @@ def _check_batch(record: _Record, exts: tuple) -> None:
 
 
 def _collect(call: Call, exts: tuple) -> None:
-    """A call of a module called several times: add its pieces; ``_finish`` stores them."""
+    """A call of a module called several times, or of one of modules sharing parameters: add
+    its pieces to its group's; ``_finish`` stores them."""
     task = _tp.graph_task_id()
     if STATE.shared_task != task:  # first shared call of this backward pass
         # a fresh dict: one left by a pass that raised before its end is dropped
         STATE.shared, STATE.shared_task = {}, task
         finish = partial(_finish, STATE.shared, STATE.extension_hook)
         _tp.queue_at_backward_end(finish)
-    pieces = STATE.shared.get(call.module)
+    group = call.module.__dict__["_backpack_calls"]
+    pieces = STATE.shared.get(group)
     if pieces is None:
         for ext in exts:
             if not hasattr(ext, "collect"):
                 raise NotImplementedError(
                     f"{type(ext).__name__}: {call.module} is called several times in one "
-                    "forward pass, and this extension has no collect/finish methods to sum the "
-                    "calls' contributions. Use a separate module per call."
+                    "forward pass (or shares a Parameter with another module), and this "
+                    "extension has no collect/finish methods to sum the calls' contributions. "
+                    "Use a separate module (and parameter) per call."
                 )
-        pieces = Pieces(call.module, call.rule, call.params(), exts)
-        STATE.shared[call.module] = pieces
-    pieces.calls += 1
+        pieces = Pieces(exts)
+        STATE.shared[group] = pieces
+    pieces.begin(call)
     for ext in exts:
         debug_log(f"Collecting {ext} on {call.module} (call {pieces.calls})")
         if ext.stream is None:
@@ -166,11 +171,12 @@ def _collect(call: Call, exts: tuple) -> None:
 
 
 def _finish(shared: dict, hook: Any) -> None:
-    """End of the backward pass: the extensions store what the calls of each module summed."""
-    for module, pieces in shared.items():
+    """End of the backward pass: the extensions store what the calls of each group summed."""
+    for pieces in shared.values():
         for ext in pieces.exts:
-            debug_log(f"Finishing {ext} on {module} ({pieces.calls} calls)")
+            debug_log(f"Finishing {ext} on {pieces.modules} ({pieces.calls} calls)")
             ext.finish(pieces)
         if hook is not None:
-            hook(module)
+            for module in pieces.modules:
+                hook(module)
     shared.clear()

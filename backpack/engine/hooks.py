@@ -23,7 +23,7 @@ from backpack.derivatives.ops import merged_rows, unmerge
 from backpack.engine.driver import _on_output_grad, _run
 from backpack.engine.factors import Factor
 from backpack.engine.ops import root_hook, root_pre_hook
-from backpack.engine.record import _Record
+from backpack.engine.record import _Record, tie
 from backpack.engine.streams import send
 from backpack.registry import rule_for
 
@@ -132,6 +132,9 @@ def extend(module: Module, debug: bool = False, use_converter: bool = False) -> 
     ``_backpack_extend`` flag says (clients reset it and extend again); ``remove_hooks``
     (``backpack.context.CTX.remove_hooks()``) takes the hooks off.
 
+    Hooked modules owning a common Parameter object (tied weights) sum their contributions
+    to it (``record.tie``): tie the weights before ``extend``, or call ``extend`` again after.
+
     Returns:
         ``module`` itself, or its converted copy with ``use_converter=True``.
     """
@@ -142,9 +145,9 @@ def extend(module: Module, debug: bool = False, use_converter: bool = False) -> 
         module.register_forward_pre_hook(root_pre_hook, with_kwargs=True)
         module.register_forward_hook(root_hook, with_kwargs=True, always_call=True)
         _EXTENDED.add(module)
-    for m in module.modules():
-        if not _wants_hook(m):
-            continue
+    hooked = [m for m in module.modules() if _wants_hook(m)]
+    tie(hooked)  # modules owning a common Parameter object sum their calls' contributions
+    for m in hooked:
         _EXTENDED.add(m)  # hooked now, or already (also converter copies of hooked modules)
         m._backpack_extend = True
         if _is_hooked(m):
@@ -187,7 +190,8 @@ def memory_cleanup(module: Module) -> None:
     backpropagated with extensions (BackPACK's ``memory_cleanup``): a later backward pass
     with extensions through those calls raises."""
     for record in list(module.__dict__.get("_backpack_calls", ())):
-        record.release()
+        if record.module is module:  # the set may be that of modules with tied parameters
+            record.release()
 
 
 def _pre_hook(module: Module, args: tuple) -> None:

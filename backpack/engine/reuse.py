@@ -1,20 +1,25 @@
-"""A module called several times in one forward pass (shared encoder, recurrence unrolled by
-hand, a layer applied twice): its quantities sum the contributions of every call.
+"""A parameter used by several calls in one forward pass (a module called several times: a
+shared encoder, a recurrence unrolled by hand, a layer applied twice; or several modules owning
+one Parameter object: a tied embedding and output layer, a shared projection): its quantities
+sum the contributions of every call.
 
 With calls ``c`` sharing ``theta`` the per-sample gradient is ``sum_c J_c^T g_c`` and the square
 root of the GGN is ``sum_c J_c^T S_c`` (per origin of the flowing factors: an origin's columns
 are the same columns in every call). Both are linear in the calls, the stored quantities
-(norms, squares, outer products) are not. So each call adds its linear *pieces* to the module's
-``Pieces`` and the extensions finish (square, sum, store) once, at the end of the backward pass.
+(norms, squares, outer products) are not. So each call adds its linear *pieces*, computed by
+its own rule with its module's local parameter name, to the ``Pieces`` of its group (the
+modules sharing a set of live records, ``record.tie``), summed per Parameter object; the
+extensions finish (square, sum, store) once per parameter, at the end of the backward pass.
 Only calls reached in this backward pass count.
 
 The Hessian has one more term where a call's input depends on ``theta`` through another call
-(a layer applied twice in a chain, a recurrence): ``d2L/dtheta_c dtheta_c'`` contains
-``M_c dx_c/dtheta_c'`` with ``M_c = d/dx_c (sum_k g_ck dout_ck/dtheta)`` the mixed second
-derivative of call ``c``. ``M_c`` ``[P, n, *in]`` flows backward like a factor of origin
-``Origin(pieces, (name, c), MIXED)``, ignored by every other module; at an upstream call ``c'``
-of the module, ``J_c'^T`` of it is ``M_c dx_c/dtheta_c'`` and its diagonal (twice: the block and its
-transpose) is added. Costs ``P`` columns per parameter: meant for small shared layers.
+(a layer applied twice in a chain, a recurrence, the output layer tied to the embedding):
+``d2L/dtheta_c dtheta_c'`` contains ``M_c dx_c/dtheta_c'`` with ``M_c = d/dx_c (sum_k g_ck
+dout_ck/dtheta)`` the mixed second derivative of call ``c``. ``M_c`` ``[P, n, *in]`` flows
+backward like a factor of origin ``Origin(pieces, (id(theta), c), MIXED)``, ignored by every
+other module; at an upstream call ``c'`` using ``theta``, ``J_c'^T`` of it is ``M_c
+dx_c/dtheta_c'`` and its diagonal (twice: the block and its transpose) is added. Costs ``P``
+columns per parameter: meant for small shared layers.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from torch.nn import Module, Parameter
 from torch.utils._pytree import tree_flatten
 
 from backpack.derivatives.autograd import recorded, state_of
-from backpack.derivatives.base import IO, Rule
+from backpack.derivatives.base import IO
 from backpack.engine.call import Call
 from backpack.engine.factors import MIXED, Factor, Origin
 
@@ -37,22 +42,39 @@ MIXED_BUDGET = 1 << 28  # entries of one parameter's mixed second derivatives
 
 
 class Pieces:
-    """Sums over the calls of one module, in one backward pass, of per-call linear pieces.
+    """Sums over the calls of a group of modules sharing parameters (one module called several
+    times, or modules owning one Parameter object), in one backward pass, of per-call pieces.
 
-    Keys say what a piece is (kind, parameter, subsampling, origin ...); extensions that need
-    the same piece (``BatchGrad`` and ``Variance``: the per-sample gradients) share it.
+    Keys say what a piece is (kind, parameter, subsampling, origin ...); a parameter is keyed
+    by ``pid``, the id of the Parameter object (its local names may differ per module:
+    ``out_proj.weight``, ``weight``). Extensions that need the same piece (``BatchGrad`` and
+    ``Variance``: the per-sample gradients) share it.
     """
 
-    __slots__ = ("module", "rule", "params", "exts", "calls", "sums", "_last")
+    __slots__ = ("modules", "params", "uses", "exts", "calls", "sums", "_last")
 
-    def __init__(
-        self, module: Module, rule: Rule, params: list[tuple[str, Parameter]], exts: tuple
-    ):
-        self.module, self.rule, self.params = module, rule, params
-        self.exts = exts  # the extensions that collect on this module (and finish it)
-        self.calls = 0  # calls reached so far; the engine counts them
+    def __init__(self, exts: tuple):
+        self.modules: list[Module] = []  # the modules of the calls reached, in order
+        self.params: dict[int, Parameter] = {}  # pid -> the parameter, of the calls reached
+        self.uses: dict[int, int] = {}  # pid -> calls reached that use it
+        self.exts = exts  # the extensions that collect on the group (and finish it)
+        self.calls = 0  # calls reached so far
         self.sums: dict = {}
         self._last: dict = {}  # key -> the call that last added to it
+
+    def begin(self, call: Call) -> None:
+        """Count one more call reached, and the parameters it uses."""
+        self.calls += 1
+        if not any(m is call.module for m in self.modules):
+            self.modules.append(call.module)
+        for _, param in call.params():
+            self.params[id(param)] = param
+            self.uses[id(param)] = self.uses.get(id(param), 0) + 1
+
+    @staticmethod
+    def pid(call: Call, name: str) -> int:
+        """The key of parameter ``name`` (local to ``call.module``): its object's id."""
+        return id(call.module.get_parameter(name))
 
     def add(self, key: Any, compute: Callable[[], Any]) -> None:
         """Add ``compute()`` (a tensor, or None for nothing) to the sum at ``key``, once per
@@ -68,10 +90,11 @@ class Pieces:
             self.sums[key] = piece
         elif old.shape != piece.shape:
             raise ValueError(
-                f"backpack: the calls of {self.module} in one forward pass give pieces of shapes "
-                f"{tuple(old.shape)} and {tuple(piece.shape)} for {key[0]!r}; per-sample and "
-                "curvature quantities of a module called several times need the same batch "
-                "size (and shapes) in every call."
+                f"backpack: the calls of {', '.join(map(str, self.modules))} in one forward "
+                f"pass, which share parameters, give pieces of shapes {tuple(old.shape)} and "
+                f"{tuple(piece.shape)} for {key[0]!r}; per-sample and curvature quantities of "
+                "a parameter used several times need the same batch size (and shapes) in every "
+                "call."
             )
         else:
             self.sums[key] = old + piece  # out of place: a piece may be a view of a gradient
@@ -133,24 +156,25 @@ def start_mixed(call: Call, pieces: Pieces, new: list) -> None:
     call of it upstream)."""
     params = call.params()
     if not depends_on(call.in_keys, [p for _, p in params]):
-        return  # parallel calls (a shared encoder): the mixed terms vanish
+        return  # parallel calls (a shared encoder, parallel tied layers): no mixed terms
     leaves = tree_flatten(call.io.inputs)[0]
     entries = sum(t.numel() for t in leaves if isinstance(t, Tensor) and t.is_floating_point())
     for name, param in params:
         if param.numel() * entries > MIXED_BUDGET:
             raise NotImplementedError(
-                f"Hessian extensions: {call.module} is called several times in one forward "
-                "pass, one call's input depending on another call; the exact Hessian then "
-                f"backpropagates {param.numel()} columns (one per entry of '{name}') of "
-                f"{entries} entries each, beyond the memory budget. Use a GGN extension "
-                "(DiagGGNExact), or a separate module per call."
+                f"Hessian extensions: '{name}' of {call.module} is used by several calls in "
+                "one forward pass (a module called several times, or a Parameter tied to "
+                "another module's), this call's input depending on another use; the exact "
+                f"Hessian then backpropagates {param.numel()} columns (one per entry of "
+                f"'{name}') of {entries} entries each, beyond the memory budget. Use a GGN "
+                "extension (DiagGGNExact), or a separate (untied) parameter per call."
             )
         mixed = mixed_factors(call.module, call.io, call.g, name)
         if mixed is None:
             continue
         for i, m in enumerate(mixed):
             if m is not None:
-                origin = Origin(id(pieces), (name, pieces.calls), MIXED)
+                origin = Origin(id(pieces), (id(param), pieces.calls), MIXED)
                 new[i] = {**(new[i] or {}), origin: Factor(1.0, m)}
 
 

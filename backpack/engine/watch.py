@@ -5,9 +5,10 @@ Second-order extensions backpropagate the loss module's curvature through the ex
 only. If a parameter's gradient also receives terms from elsewhere (``loss + wd * (w**2).sum()``,
 weights used in a functional call), its curvature there is missing. For each parameter of a module
 reached by a second-order extension, the gradient along the module's path (``rule.grad``) is summed
-over the module's calls and compared with the total gradient autograd accumulates; a mismatch
-warns, naming the parameter and module. The path gradient costs about one weight-gradient pass,
-so each module is checked in its 1st, 2nd, 4th, 8th, ... backward pass (a regulariser is
+over the calls using the parameter (tied weights: of every module owning it) and compared with
+the total gradient autograd accumulates; a mismatch warns, naming the parameter and module. The
+path gradient costs about one weight-gradient pass, so each module (each group of modules with
+tied parameters) is checked in its 1st, 2nd, 4th, 8th, ... backward pass (a regulariser is
 usually there from the start), not in every one. The tolerance is relative to the gradient's
 scale and grows with the dtype's rounding (bfloat16, float16, autocast): ``max(1e-4, 4 eps)``.
 """
@@ -27,7 +28,7 @@ from backpack.engine.call import Call
 
 # STATE.watched (per thread): parameter -> [summed path gradient, hook handle, module, scale,
 # tolerance]; "task" -> the backward pass
-_PASSES: WeakKeyDictionary = WeakKeyDictionary()  # module -> (passes seen, last pass, watched)
+_PASSES: WeakKeyDictionary = WeakKeyDictionary()  # group -> (passes seen, last pass, watched)
 
 
 def watch_gradients(call: Call) -> None:
@@ -40,11 +41,14 @@ def watch_gradients(call: Call) -> None:
     watched = STATE.watched
     if watched and watched.get("task") != task:  # left by a pass that raised before its end
         _clear(watched)
-    seen, last, watch = _PASSES.get(call.module, (0, None, False))
+    # counted per group of modules owning common parameters (``record.tie``): its modules are
+    # watched in the same passes, so a tied parameter's path sums every use
+    group = call.module.__dict__.get("_backpack_calls", call.module)
+    seen, last, watch = _PASSES.get(group, (0, None, False))
     if task != last:
         seen += 1
         watch = not seen & (seen - 1)  # a power of two
-        _PASSES[call.module] = (seen, task, watch)
+        _PASSES[group] = (seen, task, watch)
     if not watch:
         return
     paths = {name: call.rule.grad(call.module, call.io, call.g, name) for name, _ in params}

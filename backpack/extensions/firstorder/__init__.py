@@ -48,28 +48,28 @@ class FirstOrderExtension(BackpropExtension):
         raise NotImplementedError
 
     def collect(self, call: Call, pieces: Pieces) -> None:
-        """One call of a module called several times: add its per-sample gradients."""
+        """One call using shared parameters: add its per-sample gradients."""
         self.check_module(call)
         io, g = call.view(self.subsampling)
-        for name, _ in call.params():
+        for name, param in call.params():
             pieces.add(
-                ("batch_grad", name, self.subsampling_key),
+                ("batch_grad", id(param), self.subsampling_key),
                 lambda n=name: call.rule.batch_grad(call.module, io, g, n),
             )
 
     def finish(self, pieces: Pieces) -> None:
         """Store the quantity of the per-sample gradients summed over the calls."""
-        for name, param in pieces.params:
-            grad_batch = pieces.sums.get(("batch_grad", name, self.subsampling_key))
+        for pid, param in pieces.params.items():
+            grad_batch = pieces.sums.get(("batch_grad", pid, self.subsampling_key))
             if grad_batch is not None:
                 setattr(param, self.savefield, self.from_batch_grad(grad_batch))
 
     def from_batch_grad(self, grad_batch: Tensor) -> Tensor:
-        """The quantity from the per-sample gradients ``[n, *param]`` (for modules called
-        several times in one forward pass, whose calls' per-sample gradients are summed)."""
+        """The quantity from the per-sample gradients ``[n, *param]`` (for parameters used by
+        several calls in one forward pass, whose calls' per-sample gradients are summed)."""
         raise NotImplementedError(
-            f"{type(self).__name__} has no from_batch_grad, needed where a module is called "
-            "several times in one forward pass."
+            f"{type(self).__name__} has no from_batch_grad, needed where a parameter is used "
+            "by several calls in one forward pass (a module called twice, tied weights)."
         )
 
 

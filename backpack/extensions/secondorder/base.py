@@ -47,7 +47,8 @@ class SecondOrderExtension(BackpropExtension):
         for name, param in call.params():
             setattr(param, self.savefield, self.param_value(call, io, flowing, name))
 
-    # a module called several times in one forward: ``collect`` per call, ``finish`` once
+    # parameters used by several calls in one forward (a module called several times, tied
+    # weights): ``collect`` per call, ``finish`` once per parameter
     def collect(self, call: Call, pieces: Pieces, flowing: Any) -> None:
         """Add one call's linear pieces (see ``add_pieces``, ``add_mixed``) to ``pieces``."""
         self.check_module(call)
@@ -61,21 +62,22 @@ class SecondOrderExtension(BackpropExtension):
                 self.add_mixed(call, io, mixed, name, pieces)
 
     def add_mixed(self, call: Call, io: Any, mixed: dict, name: str, pieces: Pieces) -> None:
-        """Pieces of the mixed second derivatives of downstream calls of the module."""
+        """Pieces of the mixed second derivatives of downstream calls using the parameter."""
         raise NotImplementedError(
-            f"{type(self).__name__}: {call.module} is called several times in one forward "
-            "pass and one call's input depends on another call's output; the Hessian blocks "
-            "between such calls are supported by DiagHessian, BatchDiagHessian, HMP and PCHMP. "
-            "Use a separate module per call."
+            f"{type(self).__name__}: a parameter of {call.module} is used by several calls in "
+            "one forward pass (a module called several times, or tied weights) and one call's "
+            "input depends on another call's output; the Hessian blocks between such calls "
+            "are supported by DiagHessian, BatchDiagHessian, HMP and PCHMP. Use a separate "
+            "(untied) parameter per call."
         )
 
     def finish(self, pieces: Pieces) -> None:
-        """Store ``finish_value`` for each parameter of the module."""
-        for name, param in pieces.params:
-            setattr(param, self.savefield, self.finish_value(pieces, name))
+        """Store ``finish_value`` for each parameter the calls used."""
+        for pid, param in pieces.params.items():
+            setattr(param, self.savefield, self.finish_value(pieces, pid))
 
-    def _jac_t_key(self, name: str) -> tuple:
-        return ("jac_t", self.stream, name, self.subsampling_key)
+    def _jac_t_key(self, pid: int) -> tuple:
+        return ("jac_t", self.stream, pid, self.subsampling_key)
 
     def add_pieces(self, call: Call, io: Any, terms: dict, name: str, pieces: Pieces) -> None:
         """Per origin, ``V = J^T S`` ``[v, n, *P]`` (coupled origins: summed over ``n``,
@@ -88,9 +90,9 @@ class SecondOrderExtension(BackpropExtension):
                 raise _coupled_error(self, module)
             return rule.param_jac_t_mat_prod(module, io, mat, name, sum_batch=coupled)
 
-        pieces.add_terms(self._jac_t_key(name), terms, jac_t)
+        pieces.add_terms(self._jac_t_key(pieces.pid(call, name)), terms, jac_t)
 
-    def finish_value(self, pieces: Pieces, name: str) -> Tensor:
+    def finish_value(self, pieces: Pieces, pid: int) -> Tensor:
         """``sum_k sign_k sum_v V_kv ** 2`` (per sample unless ``sum_batch``) of the summed
         pieces; an origin that arrived coupled in one call and per sample in another is
         coupled (column ``(v, m)``: ``V_vm`` on sample ``m``).
@@ -98,7 +100,7 @@ class SecondOrderExtension(BackpropExtension):
         Returns:
             ``[*param]`` (``[n, *param]`` unless ``sum_batch``).
         """
-        terms = pieces.terms(self._jac_t_key(name))
+        terms = pieces.terms(self._jac_t_key(pid))
         for o in [o for o in terms if o.has_coupled_form_in(terms)]:
             sign, v = terms.pop(o)
             terms[o.as_coupled()] = (sign, terms[o.as_coupled()][1] + v.flatten(0, 1))

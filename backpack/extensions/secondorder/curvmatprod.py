@@ -36,10 +36,7 @@ from backpack.extensions.secondorder.lazy import LAZY, LazyStream, lazy_product
 
 
 def block_product(
-    module: Module,
-    rule: Rule,
-    calls: list[tuple[IO, dict]],
-    name: str,
+    calls: list[tuple[Module, Rule, str, IO, dict]],
     modify: Callable[[Tensor], Tensor] | None = None,
 ) -> Callable:
     """``mat [V, *theta] -> J^T C J mat [V, *theta]``, summed over the batch, for the
@@ -48,10 +45,12 @@ def block_product(
     BatchNorm with batch statistics) spanning the whole batch; ``terms[LAZY]`` adds the lazy
     residuals of the elementwise layers (their diagonals through ``modify``, see ``lazy``).
 
-    ``calls``: ``(io, terms)`` of each call of the module (several where it is called several
-    times in one forward): then ``J = sum_c J_c``; an origin's columns are the same columns in
-    every call (zero in a call it does not reach)."""
-    calls = _couple_across_calls(calls)
+    ``calls``: ``(module, rule, name, io, terms)`` of each call using the parameter (several
+    where a module is called several times in one forward, or modules own one Parameter
+    object; ``name`` local to ``module``): then ``J = sum_c J_c``; an origin's columns are the
+    same columns in every call (zero in a call it does not reach)."""
+    owners = [c[:3] for c in calls]
+    calls = _couple_across_calls([c[3:] for c in calls])
     lazies = [terms.get(LAZY, (1.0, None))[1] for _, terms in calls]
     columns = _columns([{o: t for o, t in terms.items() if o != LAZY} for _, terms in calls])
     # the detached records, factors and lazy residuals, nothing else (no cache, no graph)
@@ -60,7 +59,7 @@ def block_product(
     def product(mat: Tensor) -> Tensor:
         with torch.no_grad():
             fresh = [IO(*record) for record in records]  # own memo: not the backward's
-            jmats = [rule.param_jac_mat_prod(module, io, mat, name) for io in fresh]
+            jmats = [r.param_jac_mat_prod(m, io, mat, n) for (m, r, n), io in zip(owners, fresh)]
             backs = [0 for _ in fresh]  # [V, n, *out] per call: C J mat
             if columns is not None:
                 # per-sample columns act on their own sample (block-diagonal over the batch),
@@ -79,8 +78,8 @@ def block_product(
                 extra = iter(lazy_product(starts, modify))
                 backs = [b if lz is None else b + next(extra) for b, lz in zip(backs, lazies)]
             return sum(
-                rule.param_jac_t_mat_prod(module, io, back, name, sum_batch=True)
-                for io, back in zip(fresh, backs)
+                r.param_jac_t_mat_prod(m, io, back, n, sum_batch=True)
+                for (m, r, n), io, back in zip(owners, fresh, backs)
                 if not isinstance(back, int)
             )
 
@@ -155,22 +154,23 @@ class _CurvMatProd(SecondOrderExtension):
         return None
 
     def param_value(self, call: Call, io: Any, terms: dict, name: str) -> Callable:
-        calls = [(io, self.modify(terms))]
-        product = block_product(call.module, call.rule, calls, name, self.modify_diag)
+        calls = [(call.module, call.rule, name, io, self.modify(terms))]
+        product = block_product(calls, self.modify_diag)
         param = dict(call.params())[name]
         return self.checked(_plus(product, [self.own(call, io, name)]), call.module, name, param)
 
     def add_pieces(self, call: Call, io: Any, terms: dict, name: str, pieces: Pieces) -> None:
-        """Keep each call's record and factors: the product needs ``sum_c J_c`` on both sides;
-        the calls' own residuals add."""
-        entry = (io, self.modify(terms), self.own(call, io, name))
-        pieces.sums.setdefault(("calls", self.savefield, name), []).append(entry)
+        """Keep each call's module, rule, record and factors: the product needs ``sum_c J_c``
+        on both sides; the calls' own residuals add."""
+        entry = (call.module, call.rule, name, io, self.modify(terms), self.own(call, io, name))
+        pieces.sums.setdefault(("calls", self.savefield, pieces.pid(call, name)), []).append(entry)
 
     def add_mixed(self, call: Call, io: Any, mixed: dict, name: str, pieces: Pieces) -> None:
         """The Hessian block between dependent calls (``backpack.engine.reuse``): ``B +
         B^T`` with rows ``B[p] = J^T M_c[p]`` ``[P, P]`` for the mixed derivatives ``M_c``
         ``[P, n, *in]`` of downstream calls; GGNMP leaves it out."""
-        mats = [m for o, (_, m) in mixed.items() if o.part[0] == name]  # part: (name, call)
+        pid = pieces.pid(call, name)
+        mats = [m for o, (_, m) in mixed.items() if o.part[0] == pid]  # part: (pid, call)
         if not mats or not self.stream.residuals:
             return
         rule, module = call.rule, call.module
@@ -182,15 +182,15 @@ class _CurvMatProd(SecondOrderExtension):
             )
             return (total + total.T).detach()
 
-        pieces.add(("mixed", self.savefield, name), block)
+        pieces.add(("mixed", self.savefield, pid), block)
 
-    def finish_value(self, pieces: Pieces, name: str) -> Callable:
-        calls = pieces.sums[("calls", self.savefield, name)]
-        module = pieces.module
-        product = block_product(module, pieces.rule, [c[:2] for c in calls], name, self.modify_diag)
-        mixed = pieces.sums.get(("mixed", self.savefield, name))
-        product = _plus(product, [c[2] for c in calls] + [self.dense(mixed)])
-        return self.checked(product, module, name, dict(pieces.params)[name])
+    def finish_value(self, pieces: Pieces, pid: int) -> Callable:
+        calls = pieces.sums[("calls", self.savefield, pid)]
+        module, name = calls[0][0], calls[0][2]
+        product = block_product([c[:5] for c in calls], self.modify_diag)
+        mixed = pieces.sums.get(("mixed", self.savefield, pid))
+        product = _plus(product, [c[5] for c in calls] + [self.dense(mixed)])
+        return self.checked(product, module, name, pieces.params[pid])
 
     def checked(self, product: Callable, module: Module, name: str, param: Tensor) -> Callable:
         """``product`` on ``[V, *P]``, also taking one vector ``[*P]`` (returning ``[*P]``);

@@ -42,7 +42,7 @@ class DiagHessian(SecondOrderExtension):
         g = call.view(self.subsampling)[1]
         residual = call.rule.param_residual_diag
         pieces.add(
-            ("param_residual", name, self.subsampling_key, self.sum_batch),
+            ("param_residual", pieces.pid(call, name), self.subsampling_key, self.sum_batch),
             lambda: residual(call.module, io, g, name, sum_batch=self.sum_batch),
         )
 
@@ -50,7 +50,8 @@ class DiagHessian(SecondOrderExtension):
         """``2 diag(M_c dx_c/dtheta)`` for the mixed derivatives ``M_c`` ``[P, n, *in]`` of this
         parameter: entry ``p`` of ``J^T M_c[p]`` (chunks of columns: ``J^T M_c`` is
         ``[P, n, P]``)."""
-        mats = [m for o, (_, m) in mixed.items() if o.part[0] == name]  # part: (name, call)
+        pid = pieces.pid(call, name)
+        mats = [m for o, (_, m) in mixed.items() if o.part[0] == pid]  # part: (pid, call)
         if not mats:
             return
         shape = call.module.get_parameter(name).shape
@@ -69,13 +70,13 @@ class DiagHessian(SecondOrderExtension):
                 total = total + 2 * torch.cat(parts, dim=-1)
             return total.reshape(shape) if self.sum_batch else total.reshape(-1, *shape)
 
-        pieces.add(("mixed", name, self.subsampling_key, self.sum_batch), diagonal)
+        pieces.add(("mixed", pid, self.subsampling_key, self.sum_batch), diagonal)
 
-    def finish_value(self, pieces: Pieces, name: str) -> Tensor:
+    def finish_value(self, pieces: Pieces, pid: int) -> Tensor:
         """``SecondOrderExtension.finish_value`` plus the parameters' own residuals."""
-        value = super().finish_value(pieces, name)
+        value = super().finish_value(pieces, pid)
         for kind in ("param_residual", "mixed"):
-            own = pieces.sums.get((kind, name, self.subsampling_key, self.sum_batch))
+            own = pieces.sums.get((kind, pid, self.subsampling_key, self.sum_batch))
             value = value if own is None else value + own
         return value
 

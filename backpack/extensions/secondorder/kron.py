@@ -42,6 +42,16 @@ elementwise scale and shift get ``[G]``.
 
 Samples coupled by a later BatchNorm with batch statistics (train mode) leave ``A`` without
 meaning: every Kronecker extension raises there.
+
+A weight used by several calls (a module called several times, or one Parameter owned by
+several modules of the same layout: two Linear layers sharing a weight) treats the calls as
+extra positions, as ``"expand"`` does: ``G`` summed over the calls, ``A`` averaged over them,
+``(sum_c G_c) ⊗ (mean_c A_c)`` for the exact ``sum_c G_c ⊗ A_c`` plus cross terms (the common
+choice, exact where every call has the same ``A``). Parameters with the exact block ``[G]``
+(biases) stay exact. A weight tied between layouts with ``A`` on different sides (an embedding
+``[A, G]`` and an output layer ``[G, A]``, GPT-2's ``lm_head.weight is wte.weight``) raises:
+the sum ``A_e ⊗ G_e + G_l ⊗ A_l`` has no Kronecker form, and summing position by position would
+add activation to gradient statistics (cross terms ``A_e ⊗ A_l`` with no curvature in them).
 """
 
 from __future__ import annotations
@@ -179,32 +189,50 @@ class KroneckerExtension(SecondOrderExtension):
             setattr(param, self.savefield, [_blockdiag(g_blocks), _blockdiag(_a(call, mode))])
 
     def collect(self, call: Call, pieces: Pieces, flowing: Any) -> None:
-        """A module called several times: its calls are extra positions (``"expand"``), each
-        call's ``G`` is summed and its ``A`` averaged over the calls. A parameter with the
-        exact block ``[G]`` (a bias) keeps it exact: ``V^T V`` with ``V = sum_c J_c^T S_c``
-        (KFRA: the calls' blocks summed). ``store`` computes the call's factors (it sets them
-        on the parameters; ``finish`` replaces them)."""
+        """A parameter used by several calls (a module called several times, or tied
+        weights of modules with the same layout): its calls are extra positions
+        (``"expand"``), each call's ``G`` is summed and its ``A`` averaged over the calls using
+        the parameter. A parameter with the exact block ``[G]`` (a bias) keeps it exact: ``V^T
+        V`` with ``V = sum_c J_c^T S_c`` (KFRA: the calls' blocks summed). ``store`` computes
+        the call's factors (it sets them on the parameters; ``finish`` replaces them).
+
+        Raises:
+            NotImplementedError: for a parameter tied between modules whose factors have
+                ``A`` on different sides (an embedding tied to an output layer: ``[A, G]``
+                and ``[G, A]``): summing them would add activation to gradient statistics.
+        """
         self.store(call, flowing)
         for name, param in call.params():
-            factors = getattr(param, self.savefield)
-            pieces.sums[("kron_layout", self.savefield, name)] = (factors, _a_at(call.rule))
+            factors, pid = getattr(param, self.savefield), id(param)
+            layout = (factors, _a_at(call.rule), call.module)
+            old = pieces.sums.setdefault(("kron_layout", self.savefield, pid), layout)
+            if len(factors) > 1 and old[1] != layout[1]:
+                raise NotImplementedError(
+                    f"{type(self).__name__}: parameter '{name}' of {call.module} is tied to "
+                    f"{old[2]}, whose Kronecker factors have the input-side factor A on the "
+                    "other side ([A, G] of an embedding vs [G, A] of a linear layer): their "
+                    "sum is no Kronecker product, and summing factor by factor would add "
+                    "activation to gradient statistics. Use DiagGGNExact/SqrtGGNExact for "
+                    "this parameter, freeze it (requires_grad=False), or untie the weights."
+                )
             if self._exact_block(factors):
                 self.add_pieces(call, call.io, flowing, name, pieces)
                 continue
-            key = (self.savefield, name)
+            key = (self.savefield, pid)
             _map_factors(factors, lambda at, f, _, key=key: pieces.add((*key, at), lambda: f))
 
     def finish(self, pieces: Pieces) -> None:
-        for name, param in pieces.params:
-            layout, a_at = pieces.sums[("kron_layout", self.savefield, name)]
+        for pid, param in pieces.params.items():
+            layout, a_at, _ = pieces.sums[("kron_layout", self.savefield, pid)]
             if self._exact_block(layout):
-                terms = pieces.terms(self._jac_t_key(name)).values()
+                terms = pieces.terms(self._jac_t_key(pid)).values()
                 cols = [(sign, v.flatten(2).flatten(0, 1)) for sign, v in terms]  # [v n, P]
                 setattr(param, self.savefield, [_gram(cols)])
                 continue
+            uses = pieces.uses[pid]
 
-            def total(at: tuple, _: Tensor, is_a: bool, name: str = name) -> Tensor:
-                return pieces.sums[(self.savefield, name, at)] / (pieces.calls if is_a else 1)
+            def total(at: tuple, _: Tensor, is_a: bool, pid: int = pid, uses: int = uses):
+                return pieces.sums[(self.savefield, pid, at)] / (uses if is_a else 1)
 
             setattr(param, self.savefield, _map_factors(layout, total, a_at))
 

@@ -58,15 +58,15 @@ class _SqrtGGN(SecondOrderExtension):
     def add_pieces(self, call: Call, io, terms: dict, name: str, pieces: Pieces) -> None:
         """``param_value``'s part of each origin, keyed by the origin without its coupling:
         coupled or not, a part is ``[v, n, *P]`` with the same columns, so the calls' add."""
-        key = ("sqrt_ggn", *self._jac_t_key(name))
+        key = ("sqrt_ggn", *self._jac_t_key(pieces.pid(call, name)))
         for origin, term in terms.items():
             plain = origin.as_plain()
             part = {origin: term}
             pieces.add((*key, plain), lambda p=part: self.param_value(call, io, p, name))
 
-    def finish_value(self, pieces: Pieces, name: str) -> Tensor:
+    def finish_value(self, pieces: Pieces, pid: int) -> Tensor:
         """The per-origin sums ``sum_c J_c^T S_c`` of the calls, concatenated."""
-        return torch.cat(list(pieces.with_prefix(("sqrt_ggn", *self._jac_t_key(name))).values()))
+        return torch.cat(list(pieces.with_prefix(("sqrt_ggn", *self._jac_t_key(pid))).values()))
 
 
 class SqrtGGNExact(_SqrtGGN):
