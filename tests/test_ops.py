@@ -106,7 +106,25 @@ class Positions(nn.Module):
         return self.head(torch.tanh(h).mean(1))
 
 
+class SharedUses(nn.Module):
+    """One parameter read by two calls, and an embedding's weight reused by a functional
+    output layer (``h @ embed.weight.T``, weight tying without a module)."""
+
+    def __init__(self, v: int = 5, d: int = 4):
+        super().__init__()
+        self.embed, self.mix = nn.Embedding(v, d), nn.Linear(d, d)
+        self.scale = nn.Parameter(torch.randn(d))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.embed(x).mean(1) * self.scale
+        h = torch.tanh(self.mix(h)) + self.scale
+        return h @ self.embed.weight.T
+
+
 def _problem(name: str, n: int = 3):
+    if name == "shared":
+        torch.manual_seed(0)
+        return SharedUses().to(DTYPE), torch.randint(0, 5, (n, 3))
     torch.manual_seed(0)
     if name == "positions":
         return Positions().to(DTYPE), torch.randint(0, 5, (n, 3))
@@ -115,14 +133,14 @@ def _problem(name: str, n: int = 3):
     return model.to(DTYPE), torch.randn(n, *shape, dtype=DTYPE)
 
 
-NAMES = ["residual", "attention", "tokens", "positions"]
+NAMES = ["residual", "attention", "tokens", "positions", "shared"]
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("name", NAMES)
 def test_every_extension_through_functions(name: str, reduction: str):
     model, x = _problem(name)
-    y = torch.randint(0, 3, (x.shape[0],))
+    y = torch.randint(0, 5 if name == "shared" else 3, (x.shape[0],))
     model, lossfunc = extend(model), extend(nn.CrossEntropyLoss(reduction=reduction))
     with backpack(*ALL):
         lossfunc(model(x), y).backward()
@@ -133,19 +151,26 @@ def test_every_extension_through_functions(name: str, reduction: str):
 @pytest.mark.parametrize("name", NAMES)
 def test_sqrt_ggn_and_kronecker_factors(name: str):
     """The square root's outer product is the GGN block; Kronecker factors of parameters read
-    by function calls are their exact block (``[G]``); with MSE on a final linear layer and
-    batch size one, KFLR's ``G`` is exact as usual."""
+    by function calls are their exact block (``[G]``); an embedding tied to a functional output
+    layer has no Kronecker form of the sum: it raises."""
     model, x = _problem(name)
-    y = torch.randint(0, 3, (x.shape[0],))
+    y = torch.randint(0, 5 if name == "shared" else 3, (x.shape[0],))
     model, lossfunc = extend(model), extend(nn.CrossEntropyLoss())
-    with backpack(SqrtGGNExact(), KFLR(), KFAC()):
+    kron = [] if name == "shared" else [KFLR(), KFAC()]
+    with backpack(SqrtGGNExact(), *kron):
         lossfunc(model(x), y).backward()
     for key, p in model.named_parameters():
         root = p.sqrt_ggn_exact.flatten(0, 1).flatten(1)
         torch.testing.assert_close(root.T @ root, ggn_block(model, lossfunc, x, y, key))
+        if not kron:
+            continue
         assert len(p.kfac) == len(p.kflr) and all(f.dim() == 2 for f in p.kflr)
         if len(p.kflr) == 1 and key in ("cls", "pos", "gamma"):
             torch.testing.assert_close(p.kflr[0], ggn_block(model, lossfunc, x, y, key))
+    if not kron:
+        with pytest.raises(NotImplementedError, match=r"KFLR: parameter 'weight' of Embedding"):
+            with backpack(KFLR()):
+                lossfunc(model(x), y).backward()
 
 
 class LanguageModel(nn.Module):

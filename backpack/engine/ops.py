@@ -44,7 +44,7 @@ from backpack.derivatives.ops import (
 )
 from backpack.derivatives.ops import merged_rows as _merged_rows
 from backpack.engine.driver import _on_output_grad
-from backpack.engine.record import _Record
+from backpack.engine.record import _Record, tie
 from backpack.registry import rule_for
 
 # views whose merging of the batch axis is followed exactly (``MergeRule``)
@@ -170,6 +170,8 @@ class Session(TorchFunctionMode):
                        "axis 0", False)  # fmt: skip
                 return
         self.axes[key] = out_axis
+        if module.call.params():  # a parameter also used elsewhere: sum every use
+            tie([module])
         record = _Record(module, xs, {}, out, in_keys)
         out.grad_fn.register_prehook(partial(_on_output_grad, record))
 
