@@ -93,16 +93,17 @@ class Tokens(nn.Module):
 
 
 class Positions(nn.Module):
-    """Position embeddings of ids ``[1, T]`` broadcast over the batch (BERT, GPT-2)."""
+    """Position embeddings of ids ``[1, T]`` broadcast over the batch (BERT, GPT-2), through a
+    module applied to them alone (derived from derived)."""
 
     def __init__(self, v: int = 5, d: int = 4, t: int = 3):
         super().__init__()
-        self.tok, self.pos = nn.Embedding(v, d), nn.Embedding(t, d)
+        self.tok, self.pos, self.proj = nn.Embedding(v, d), nn.Embedding(t, d), nn.Linear(d, d)
         self.register_buffer("ids", torch.arange(t).unsqueeze(0))
         self.head = nn.Linear(d, 3)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.tok(x) + self.pos(self.ids[:, : x.shape[1]])
+        h = self.tok(x) + self.proj(self.pos(self.ids[:, : x.shape[1]]))
         return self.head(torch.tanh(h).mean(1))
 
 

@@ -6,9 +6,10 @@ An ``Op`` replays one call: ``forward(*xs)`` is the function applied to the reco
 with the tensors that flow in the graph (``xs``) put back, constants as recorded, and the
 parameters it reads (its own ``p0, p1, ...``, so ``functional_call`` can differentiate them).
 A tensor computed from parameters and constants alone without the batch axis (a position
-embedding of ids ``[1, T]``, ``gamma.reshape(1, -1, 1, 1)``) is a ``Derived``: replayed from
-the parameters inside each call that consumes it, so that call's per-sample quantities cover
-those parameters (autograd would sum their gradient over the batch before any hook saw it).
+embedding of ids ``[1, T]``, ``gamma.reshape(1, -1, 1, 1)``) is derived: its ``Call`` is
+replayed from the parameters inside each call that consumes it, so that call's per-sample
+quantities cover those parameters (autograd would sum their gradient over the batch before
+any hook saw it).
 
 ``OpRule`` is the automatic ``torch.func`` rule without its warning (recorded calls are
 expected to have none); ``MergeRule`` adds the exact backward of a view that merges the batch
@@ -55,20 +56,27 @@ def is_inplace(func: Any) -> bool:
 
 
 class Call:
-    """One call ``func(*args, **kwargs)`` with its tensor arguments sorted by kind: the leaves
-    of ``(args, kwargs)``, ``None`` where an input flows in (``IN``) or a parameter or derived
-    tensor is put in at replay."""
+    """One call ``func(*args, **kwargs)`` (or of an extended ``module``, whose parameters it
+    reads too) with its tensor arguments sorted by kind: the leaves of ``(args, kwargs)``,
+    ``None`` where an input flows in (``IN``) or a parameter or derived tensor (a ``Call``
+    itself) is put in at replay."""
 
-    __slots__ = ("func", "spec", "leaves", "slots", "inplace", "out_index")
+    __slots__ = ("func", "spec", "leaves", "slots", "inplace", "out_index", "module")
 
-    def __init__(self, func: Any, spec: Any, leaves: list, slots: list, out_index: int | None):
+    def __init__(
+        self, func: Any, spec: Any, leaves: list, slots: list, out_index: int | None = None,
+        module: Module | None = None,
+    ):  # fmt: skip
         self.func, self.spec, self.leaves, self.slots = func, spec, leaves, slots
         self.inplace = is_inplace(func)
         self.out_index = out_index  # several outputs: which float output this call gives
+        self.module = module
 
     def params(self) -> list[Parameter]:
         """The parameters read, directly or through derived tensors (in order, once each)."""
         found: dict[int, Parameter] = {}
+        if self.module is not None:
+            found.update((id(p), p) for p in self.module.parameters() if p.requires_grad)
         for kind, ref in self.slots:
             if kind == PARAM:
                 found.setdefault(id(ref), ref)
@@ -86,8 +94,12 @@ class Call:
             elif kind == PARAM:
                 leaves[pos] = lookup(ref)
             elif kind == DERIVED:
-                leaves[pos] = ref.replay(lookup)
+                leaves[pos] = ref.replay((), lookup)
         args, kwargs = tree_unflatten(leaves, self.spec)
+        if self.module is not None:
+            state = {k: lookup(p) for k, p in self.module.named_parameters()}
+            with disable():
+                return torch.func.functional_call(self.module, state, args, kwargs)
         if self.func is F.scaled_dot_product_attention:  # the fused kernels lack forward AD
             with sdpa_kernel(SDPBackend.MATH):
                 return self.func(*args, **kwargs)
@@ -100,29 +112,6 @@ class Call:
         if self.out_index is None:
             return out
         return [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)][self.out_index]
-
-
-class Derived:
-    """A tensor computed from parameters and constants only, without the batch axis: one
-    function call (``call``) or one extended module's call (``module``, ``args``)."""
-
-    __slots__ = ("call", "module", "args", "kwargs")
-
-    def __init__(self, call: Call | None = None, module: Module | None = None, args: tuple = (),
-                 kwargs: dict | None = None):  # fmt: skip
-        self.call, self.module, self.args, self.kwargs = call, module, args, kwargs or {}
-
-    def params(self) -> list[Parameter]:
-        if self.call is not None:
-            return self.call.params()
-        return [p for p in self.module.parameters() if p.requires_grad]
-
-    def replay(self, lookup: Any) -> Tensor:
-        if self.call is not None:
-            return self.call.replay((), lookup)
-        state = {k: lookup(p) for k, p in self.module.named_parameters()}
-        with disable():
-            return torch.func.functional_call(self.module, state, self.args, self.kwargs)
 
 
 class Op(Module):

@@ -8,8 +8,8 @@ and parameters read outside leaf modules (a class token, a layer scale) get ever
 Calls inside extended modules are theirs (the modules' pre-hooks count the depth). A call on
 tensors that flow in the graph becomes the record of an ``Op`` (``backpack.derivatives.ops``)
 with its own autograd-node hook, exactly like a module call. Calls on parameters and
-constants alone without the batch axis become ``Derived`` tensors, replayed in the calls that
-read them. The batch size is the leading size of the root's first tensor argument; a call
+constants alone without the batch axis are derived: their ``Call`` is replayed in the calls
+that read them. The batch size is the leading size of the root's first tensor argument; a call
 that takes a tensor with the batch axis and returns one without (``x.mean(0)``,
 ``x.transpose(0, 1)``) breaks the per-sample structure: its backward raises for every
 extension.
@@ -36,7 +36,6 @@ from backpack.derivatives.ops import (
     IN,
     PARAM,
     Call,
-    Derived,
     Merge,
     Op,
     func_name,
@@ -61,7 +60,7 @@ class Session(TorchFunctionMode):
         self.roots = 1  # nested roots (a model extended inside an extended model)
         self.off = False  # taken off the mode stack while an extended module runs
         self.seen_module = False  # whether an extended module ran (``module_output``)
-        self.derived: dict[tuple, Derived] = {}  # (node, output index) -> its replay
+        self.derived: dict[tuple, Call] = {}  # (node, output index) -> its replay
         self.axes: dict[tuple, int | None] = {}  # (node, output index) -> batch axis
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None):
@@ -138,7 +137,7 @@ class Session(TorchFunctionMode):
         xs = tuple(_dense(x) for x in xs)
         key = (out.grad_fn, out.output_nr)
         if not xs and not self.batched(out):  # parameters and constants only
-            self.derived[key] = Derived(call)
+            self.derived[key] = call
             return
         if call.func in _RANDOM:
             refuse(out, _between(call), "draws random numbers, which a replay would not "
@@ -194,21 +193,19 @@ class Session(TorchFunctionMode):
 
     def module_output(self, module: Module, args: tuple, kwargs: dict, output: Any) -> bool:
         """An extended module called on parameters and constants only, whose output lacks the
-        batch axis (position embeddings of ids ``[1, T]``): its output becomes ``Derived``.
+        batch axis (position embeddings of ids ``[1, T]``): its output is derived (replayed by its
+        users), also where its inputs are derived themselves.
 
         Returns:
             Whether it did (then the call is not recorded as the module's).
         """
+        expected = rule_for(module).batch_axis(module)
         if not self.seen_module:  # a sequence-first layer (batch axis 1) tells the batch size
             self.seen_module = True
-            axis = rule_for(module).batch_axis(module)
-            if axis:
-                self.axes.clear()
             x = args[0] if args and isinstance(args[0], Tensor) else None
-            if axis and x is not None and x.dim() > axis:
-                self.batch = x.shape[axis]
-        rule = rule_for(module)
-        expected = rule.batch_axis(module)
+            if expected and x is not None and x.dim() > expected:
+                self.batch = x.shape[expected]
+                self.axes.clear()
         x = next((t for t in args if isinstance(t, Tensor) and t.grad_fn is not None), None)
         a = self.axes.get((x.grad_fn, x.output_nr), expected) if x is not None else expected
         if a is not None and a != expected and isinstance(output, Tensor) and output.grad_fn:
@@ -219,14 +216,12 @@ class Session(TorchFunctionMode):
             self.axes[(output.grad_fn, output.output_nr)] = expected
         if not isinstance(output, Tensor) or output.grad_fn is None or self.batched(output):
             return False
-        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
-        if any(t.requires_grad and (t.grad_fn, t.output_nr) not in self.derived for t in inputs):
-            return False
-        if any(t.grad_fn is not None for t in inputs):
-            return False  # derived inputs to a module: not replayed (rare), recorded as usual
-        self.derived[(output.grad_fn, output.output_nr)] = Derived(
-            module=module, args=_detached(args), kwargs=_detached(kwargs)
-        )
+        leaves, spec = tree_flatten((args, kwargs))
+        slots, _, _ = self._sort(leaves)
+        if any(kind == IN for kind, _ in slots):
+            return False  # data flows in: a call of the module as any other
+        call = Call(None, spec, _constants(leaves, slots), slots, module=module)
+        self.derived[(output.grad_fn, output.output_nr)] = call
         return True
 
 
@@ -241,10 +236,6 @@ def _constants(leaves: list, slots: list) -> list:
 def _dense(t: Tensor) -> Tensor:
     expanded = any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape))
     return t.detach().contiguous() if expanded else t
-
-
-def _detached(obj: Any) -> Any:
-    return torch.utils._pytree.tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, obj)
 
 
 def refuse(out: Tensor, name: str, why: str, second_order_only: bool) -> None:

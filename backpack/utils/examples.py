@@ -101,4 +101,3 @@ def autograd_diag_ggn_exact(
         column = ggn_vector_product_from_plist(loss, output, params, v)
         diag.append(torch.cat([c.flatten() for c in column])[i])
     return torch.stack(diag)
-
