@@ -27,10 +27,12 @@ def _data():
     return torch.randn(3, 4, dtype=torch.float64), torch.randint(0, 3, (3,))
 
 
-def test_functional_call_between_modules_names_module_and_converter():
-    model, lossfunc = extend(Functional().double()), extend(nn.CrossEntropyLoss())
+def test_function_call_outside_an_extended_model_names_module_and_remedy():
+    """Only the layers are extended, not the model: its ``torch.relu`` is not recorded."""
+    model, lossfunc = Functional().double(), extend(nn.CrossEntropyLoss())
+    extend(model.lin1), extend(model.lin2)
     x, y = _data()
-    with pytest.raises(RuntimeError, match=r"(?s)Linear\(in_features=4.*use_converter=True"):
+    with pytest.raises(RuntimeError, match=r"(?s)Linear\(in_features=4.*extend\(model\)"):
         with backpack(DiagGGNExact()):
             lossfunc(model(x), y).backward()
 

@@ -141,6 +141,10 @@ class Rule:
         ``backpack.extensions.secondorder.kron``), or None where it has no Kronecker structure."""
         raise NotImplementedError(f"{type(self).__name__} has no Kronecker factors")
 
+    # whether a call may receive no backpropagated quantity (a recorded function call on the
+    # outputs of losses, which start the streams upstream of it)
+    after_losses_ok = False
+
     # whether jac_t_mat_prod returns new tensors that nothing else references: then a stream
     # may hand them to jac_t_mat_prod_, which overwrites its argument
     fresh_jac_t = False

@@ -145,6 +145,7 @@ class OpRule(AutogradRule):
     the recorded inputs suffice (no output kept, no fingerprint: torch functions are pure)."""
 
     needs_output = False
+    after_losses_ok = True  # ``loss_a + loss_b`` inside the model's forward
 
     def on_forward(self, module: Module, io: IO, output: Tensor) -> None:
         pass

@@ -215,9 +215,13 @@ def _forward_hook(module: Module, args: tuple, kwargs: dict, output: Any) -> Any
     if session is None or not session.depth:
         return _record_call(module, args, kwargs, output)
     try:  # the depth drops after the hook: the engine's own tensor calls are not recorded
-        if session.depth == 1 and session.module_output(module, args, kwargs, output):
+        if session.depth != 1:
+            return _record_call(module, args, kwargs, output)
+        if session.module_output(module, args, kwargs, output):
             return None  # parameters and constants only, no batch axis: replayed by its users
-        return _record_call(module, args, kwargs, output)
+        result = _record_call(module, args, kwargs, output)
+        session.track(module, output if result is None else result)
+        return result
     finally:
         session.exit_module()
 

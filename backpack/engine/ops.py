@@ -114,13 +114,13 @@ class Session(TorchFunctionMode):
                 else:
                     slots.append((IN, None))
                     keys.append(key)
-                    axes.append(self.axes.get(key, 0 if self.batched(t) else None))
+                    axes.append(self.axis_of(t, key))
             elif t.requires_grad and isinstance(t, Parameter):
                 slots.append((PARAM, t))
             elif t.requires_grad:  # a leaf input that requires grad: flows in, no key
                 slots.append((IN, None))
                 keys.append(None)
-                axes.append(0 if self.batched(t) else None)
+                axes.append(self.axis_of(t, None))
             else:
                 slots.append((CONST, None))
         return slots, tuple(keys), axes
@@ -187,14 +187,37 @@ class Session(TorchFunctionMode):
             _tp.push_mode(self)
             self.off = False
 
+    def track(self, module: Module, output: Any) -> None:
+        """The batch axis of a module's (first) output: its rule's."""
+        t = output
+        if not isinstance(t, Tensor):
+            t = next((x for x in tree_flatten(output)[0] if isinstance(x, Tensor)), None)
+        axis = rule_for(module).batch_axis(module)
+        if t is not None and t.grad_fn is not None and t.dim() > axis:
+            self.axes[(t.grad_fn, t.output_nr)] = axis
+
+    def axis_of(self, t: Tensor, key: tuple | None) -> int | None:
+        """The batch axis of an input: tracked, else the one axis of the batch's size (None:
+        unknown, or several)."""
+        if key is not None and key in self.axes:
+            return self.axes[key]
+        if self.batch is None:
+            return 0
+        axes = [i for i, s in enumerate(t.shape) if s == self.batch]
+        return axes[0] if len(axes) == 1 else None
+
+    def broadcast(self, t: Tensor) -> bool:
+        """Whether ``t`` has size one where the batch goes, the batch being larger."""
+        return self.batch is not None and self.batch > 1 and t.dim() > 0 and t.shape[0] == 1
+
     def batched(self, t: Tensor) -> bool:
         """Whether ``t`` has the batch axis first (always, where the batch size is unknown)."""
         return self.batch is None or (t.dim() > 0 and t.shape[0] == self.batch)
 
     def module_output(self, module: Module, args: tuple, kwargs: dict, output: Any) -> bool:
-        """An extended module called on parameters and constants only, whose output lacks the
-        batch axis (position embeddings of ids ``[1, T]``): its output is derived (replayed by its
-        users), also where its inputs are derived themselves.
+        """An extended module called on parameters and constants only, whose output has size one
+        where the batch goes (position embeddings of ids ``[1, T]``, broadcast over the batch):
+        its output is derived (replayed by its users), also where its inputs are derived.
 
         Returns:
             Whether it did (then the call is not recorded as the module's).
@@ -212,9 +235,7 @@ class Session(TorchFunctionMode):
             refuse(output, f"the module {module}", f"expects the batch on axis {expected} of its "
                    f"input, which has it on axis {a}", False)  # fmt: skip
             return True
-        if isinstance(output, Tensor) and output.grad_fn is not None:
-            self.axes[(output.grad_fn, output.output_nr)] = expected
-        if not isinstance(output, Tensor) or output.grad_fn is None or self.batched(output):
+        if not isinstance(output, Tensor) or output.grad_fn is None or not self.broadcast(output):
             return False
         leaves, spec = tree_flatten((args, kwargs))
         slots, _, _ = self._sort(leaves)

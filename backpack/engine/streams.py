@@ -161,9 +161,10 @@ def _missing(call: Call, exts: list[Extension]) -> RuntimeError:
     return RuntimeError(
         f"{names}: module {call.module} received no backpropagated quantity. Either the loss is "
         "not extended (call extend(lossfunc)), the backward pass did not start at an extended "
-        "loss, or a function call between extended modules (x.view, +, torch.relu, ...) breaks "
-        "the chain: replace it by a module (nn.Flatten, nn.ReLU, ...) or use "
-        "extend(model, use_converter=True)."
+        "loss, or a function call (x.view, +, torch.relu, ...) between extended modules ran "
+        "outside the forward pass of a model passed to extend: extend the model itself "
+        "(extend(model) records the function calls of its forward pass), or replace the call "
+        "by a module (nn.Flatten, nn.ReLU, ...), or use extend(model, use_converter=True)."
     )
 
 
@@ -212,6 +213,8 @@ def run_streams(
             new = [stream.start(call, _loss_scale(call), lean)]
         else:
             value = flowing.pop((stream, *call.out_key), None)
+            if value is None and call.rule.after_losses_ok:
+                continue  # a call on the losses' outputs (their sum): the losses start streams
             if value is None:
                 raise _missing(call, group)
             mine = value
