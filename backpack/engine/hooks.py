@@ -24,7 +24,9 @@ from backpack.engine.record import _Record
 from backpack.engine.streams import send
 from backpack.registry import rule_for
 
-_PENDING_KEYS: dict[Module, tuple] = {}  # in-place modules: input keys read before they run
+# in-place modules: (input keys, inputs) taken before they run; the inputs are copies where the
+# rule reads the input as it was (``Rule.inplace_needs_input``), else None
+_PENDING: dict[Module, tuple[tuple, tuple | None]] = {}
 
 
 def _key(t: Any) -> tuple | None:
@@ -123,7 +125,7 @@ def extend(module: Module, debug: bool = False, use_converter: bool = False) -> 
         if debug:
             logger.info("Extending %s", m)
         m.register_forward_hook(_forward_hook, with_kwargs=True)
-        if getattr(m, "inplace", False):
+        if isinstance(getattr(m, "inplace", None), bool):  # in place now or later (_pre_hook)
             m.register_forward_pre_hook(_pre_hook)
     return module
 
@@ -156,19 +158,34 @@ def memory_cleanup(module: Module) -> None:
 
 
 def _pre_hook(module: Module, args: tuple) -> None:
+    """Before an in-place call overwrites its input: the input's keys, and a copy of the input
+    where the module's rule needs it (``Rule.inplace_needs_input``; PyTorch's autograd copies
+    it too for such layers, e.g. ``hardswish_``). The record holds the copy, so it is freed
+    with the record after backward."""
+    if not module.inplace:
+        return None
     if torch.compiler.is_compiling():  # as in _forward_hook
         return torch.compiler.disable(_pre_hook)(module, args)
-    if STATE.store_io and torch.is_grad_enabled():
-        _PENDING_KEYS[module] = _keys(args)
+    if STATE.store_io and torch.is_grad_enabled() and not _tp.in_functorch_transform():
+        kept = None
+        if rule_for(module).inplace_needs_input:
+            kept = tuple(a.detach().clone() if isinstance(a, Tensor) else a for a in args)
+        _PENDING[module] = (_keys(args), kept)
+    return None
 
 
 def _forward_hook(module: Module, args: tuple, kwargs: dict, output: Any) -> Any:
     if torch.compiler.is_compiling():  # torch.compile: record eagerly, between two graphs
         return torch.compiler.disable(_forward_hook)(module, args, kwargs, output)
+    pending = _PENDING.pop(module, None) if _PENDING else None
     # inside torch.func transforms (a user's vmap/grad, or our own rules) nothing is recorded
     if not STATE.store_io or not torch.is_grad_enabled() or _tp.in_functorch_transform():
         return None
-    in_keys = _PENDING_KEYS.pop(module, None) or _keys(args)
+    if pending is None:
+        in_keys = _keys(args)
+    else:
+        in_keys, kept = pending
+        args = args if kept is None else kept
     if isinstance(output, Tensor):
         out_key = _key(output)
         if out_key is None or out_key in in_keys:
