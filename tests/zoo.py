@@ -9,6 +9,7 @@ per column of the loss Hessian's square root, Hessian diagonal entries by double
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import sys
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from backpack import disable
 
@@ -94,6 +96,23 @@ def _images(c: int, h: int, classes: int) -> tuple[Tensor, Tensor]:
     return torch.randn(N, c, h, h, dtype=D), torch.randint(0, classes, (N,))
 
 
+def mlp() -> Zoo:
+    """A control: layers backpack supports throughout (curved, so its Hessian is not its GGN)."""
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4))
+    return Zoo(model, torch.randn(N, 6, dtype=D), torch.randint(0, 4, (N,)), classifier="2")
+
+
+def cnn() -> Zoo:
+    """A control: convolution, eval-mode BatchNorm, in-place Hardswish, in modules."""
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Hardswish(inplace=True),
+        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 5),
+    )  # fmt: skip
+    model[1].running_mean.normal_()
+    model[1].running_var.uniform_(0.5, 2)
+    return Zoo(model, *_images(3, 6, 5), classifier="5")
+
+
 def resnet18() -> Zoo:
     model = import_torchvision().models.resnet18(num_classes=10)
     return Zoo(model, *_images(3, 32, 10), classifier="fc")
@@ -137,6 +156,7 @@ def _ids() -> Tensor:
 
 
 def gpt2(last: bool = False) -> Zoo:
+    import_torchvision()  # transformers imports torchvision
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=V, n_positions=16)
@@ -145,6 +165,7 @@ def gpt2(last: bool = False) -> Zoo:
 
 
 def llama(last: bool = False) -> Zoo:
+    import_torchvision()  # transformers imports torchvision
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -163,6 +184,7 @@ def _lm(model: nn.Module, last: bool) -> Zoo:
 
 
 def bert() -> Zoo:
+    import_torchvision()  # transformers imports torchvision
     from transformers import BertConfig, BertForSequenceClassification
 
     config = BertConfig(
@@ -175,6 +197,8 @@ def bert() -> Zoo:
 
 
 BUILDERS: dict[str, Callable[[], Zoo]] = {
+    "mlp": mlp,
+    "cnn": cnn,
     "resnet18": resnet18,
     "mobilenet_v3_small": mobilenet_v3_small,
     "tv_vit": tv_vit,
@@ -233,9 +257,10 @@ def loss_hessian_roots(logits: Tensor) -> Tensor:
     return (torch.diag_embed(s) - p.unsqueeze(-1) * s.unsqueeze(-2)) / logits.shape[0] ** 0.5
 
 
-def ggn_columns(zoo: Zoo, names: list[str] | None = None) -> tuple[dict[str, Tensor], Tensor]:
-    """``J^T s`` for every column ``s`` of the loss Hessian root (placed in its row of the
-    logits): ``{name: [R * C, *P]}`` and the sample of each column ``[R * C]``."""
+def ggn_columns(zoo: Zoo, names: list[str] | None = None, chunk: int = 8):
+    """``J^T s`` for the columns ``s`` of the loss Hessian root (each placed in its row of the
+    logits), ``chunk`` columns at a time: yields ``({name: [k, *P]}, sample of each [k])``
+    (chunks keep the memory at ``chunk`` gradients: resnet18 has 11M parameters)."""
     params = _params(zoo.model)
     if names is not None:
         params = {k: params[k] for k in names}
@@ -243,42 +268,66 @@ def ggn_columns(zoo: Zoo, names: list[str] | None = None) -> tuple[dict[str, Ten
         logits = zoo.logits()
     r, c = logits.shape
     roots = loss_hessian_roots(logits)  # [r, c (out), c (column)]
-    cols = torch.zeros(r, c, r, c, dtype=logits.dtype)  # [row, column, *logits]
-    idx = torch.arange(r)
-    cols[idx, :, idx, :] = roots.transpose(1, 2)
-    cols = cols.reshape(r * c, r, c)
-    try:
-        grads = torch.autograd.grad(logits, list(params.values()), cols, is_grads_batched=True,
-                                    allow_unused=True, materialize_grads=True)  # fmt: skip
-    except (RuntimeError, NotImplementedError):  # no batching rule: one column at a time
-        each = [
-            torch.autograd.grad(logits, list(params.values()), col, retain_graph=True,
-                                allow_unused=True, materialize_grads=True)  # fmt: skip
-            for col in cols
-        ]
-        grads = [torch.stack(g) for g in zip(*each)]
-    return dict(zip(params, grads)), _rows(zoo, logits).repeat_interleave(c)
+    sample = _rows(zoo, logits)
+    for start in range(0, r * c, chunk):
+        pos = torch.arange(start, min(start + chunk, r * c))
+        row, col = pos // c, pos % c
+        cols = torch.zeros(len(pos), r, c, dtype=logits.dtype)
+        cols[torch.arange(len(pos)), row] = roots[row, :, col]
+        try:
+            grads = torch.autograd.grad(logits, list(params.values()), cols, retain_graph=True,
+                                        is_grads_batched=True, materialize_grads=True)  # fmt: skip
+        except (RuntimeError, NotImplementedError):  # no batching rule: one column at a time
+            each = [
+                torch.autograd.grad(logits, list(params.values()), one, retain_graph=True,
+                                    materialize_grads=True)  # fmt: skip
+                for one in cols
+            ]
+            grads = [torch.stack(g) for g in zip(*each)]
+        yield dict(zip(params, grads)), sample[row]
 
 
 def ggn_diag(zoo: Zoo) -> dict[str, Tensor]:
     """``[N, *P]``: each sample's GGN diagonal ``sum_s (J^T s)^2`` over its columns."""
-    cols, sample = ggn_columns(zoo)
-    n = zoo.x.shape[0]
-    return {k: torch.stack([c[sample == i].square().sum(0) for i in range(n)]) for k, c in cols.items()}
+    out = {k: torch.zeros(zoo.x.shape[0], *p.shape, dtype=p.dtype)
+           for k, p in _params(zoo.model).items()}  # fmt: skip
+    for grads, sample in ggn_columns(zoo):
+        for k, g in grads.items():
+            out[k].index_add_(0, sample, g.square())
+    return out
 
 
 def ggn_block(zoo: Zoo, name: str) -> Tensor:
     """``[P, P]``: the GGN block of one parameter (flattened, row-major)."""
-    cols = ggn_columns(zoo, [name])[0][name].flatten(1)
+    cols = torch.cat([g[name].flatten(1) for g, _ in ggn_columns(zoo, [name])])
     return cols.T @ cols
+
+
+class _Hardsigmoid(nn.Module):
+    """``relu6(x + 3) / 6``: Hardsigmoid from ops that torch differentiates twice."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return nn.functional.relu6(x + 3) / 6
+
+
+def _twice_differentiable(model: nn.Module) -> nn.Module:
+    """``model`` (its parameters shared) with every Hardsigmoid replaced by the same function
+    from ops torch differentiates twice (no double backward for ``hardsigmoid``)."""
+    model = copy.copy(model)
+    model._modules = {
+        k: _Hardsigmoid() if isinstance(m, nn.Hardsigmoid) else _twice_differentiable(m)
+        for k, m in model._modules.items()
+    }
+    return model
 
 
 def hessian_diag_entries(zoo: Zoo, picks: dict[str, Tensor]) -> dict[str, Tensor]:
     """Entries ``picks[name]`` (flat indices) of the diagonal of the loss Hessian w.r.t. each
-    parameter, by double backward (one Hessian-vector product per entry)."""
+    parameter, by double backward (one Hessian-vector product per entry; attention by SDPA's
+    math kernel, Hardsigmoid by ``_Hardsigmoid``: the fused kernels have no double backward)."""
     params = _params(zoo.model)
-    with disable():
-        loss = nn.functional.cross_entropy(zoo.logits(), zoo.y)
+    with disable(), sdpa_kernel(SDPBackend.MATH):
+        loss = nn.functional.cross_entropy(zoo.logits(_twice_differentiable(zoo.model)), zoo.y)
     grads = torch.autograd.grad(loss, [params[k] for k in picks], create_graph=True)
     out = {}
     for (name, idx), g in zip(picks.items(), grads):
