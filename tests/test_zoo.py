@@ -35,6 +35,7 @@ from tests import oracles
 from tests.oracles import FIRST_ORDER, flat_factors
 from tests.zoo import (
     BUILDERS,
+    CLASSIFIERS,
     Zoo,
     _twice_differentiable,
     build,
@@ -187,9 +188,6 @@ def test_zoo(model, ext):
     else:
         for k, p in params.items():
             _check_kron(k, p, getattr(p, ext.lower()))
-
-
-CLASSIFIERS = [m for m in BUILDERS if build(m).classifier is not None]
 
 
 @pytest.mark.parametrize("model, ext", [_case(m, "KFLR-exact") for m in CLASSIFIERS])

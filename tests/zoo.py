@@ -82,7 +82,7 @@ class Zoo:
     x: Tensor
     y: Tensor
     head: Callable[[Tensor], Tensor] = field(default=lambda out: out)
-    classifier: str | None = None  # the Linear feeding the loss directly ([N, C] logits only)
+    classifier: str | None = None  # CLASSIFIERS[name]
 
     def logits(self, model: nn.Module | None = None) -> Tensor:
         return self.head((model or self.model)(self.x))
@@ -99,7 +99,7 @@ def _images(c: int, h: int, classes: int) -> tuple[Tensor, Tensor]:
 def mlp() -> Zoo:
     """A control: layers backpack supports throughout (curved, so its Hessian is not its GGN)."""
     model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4))
-    return Zoo(model, torch.randn(N, 6, dtype=D), torch.randint(0, 4, (N,)), classifier="2")
+    return Zoo(model, torch.randn(N, 6, dtype=D), torch.randint(0, 4, (N,)))
 
 
 def cnn() -> Zoo:
@@ -110,17 +110,17 @@ def cnn() -> Zoo:
     )  # fmt: skip
     model[1].running_mean.normal_()
     model[1].running_var.uniform_(0.5, 2)
-    return Zoo(model, *_images(3, 6, 5), classifier="5")
+    return Zoo(model, *_images(3, 6, 5))
 
 
 def resnet18() -> Zoo:
     model = import_torchvision().models.resnet18(num_classes=10)
-    return Zoo(model, *_images(3, 32, 10), classifier="fc")
+    return Zoo(model, *_images(3, 32, 10))
 
 
 def mobilenet_v3_small() -> Zoo:
     model = import_torchvision().models.mobilenet_v3_small(num_classes=10)
-    return Zoo(model, *_images(3, 32, 10), classifier="classifier.3")
+    return Zoo(model, *_images(3, 32, 10))
 
 
 def tv_vit() -> Zoo:
@@ -129,7 +129,7 @@ def tv_vit() -> Zoo:
         image_size=16, patch_size=8, num_layers=1, num_heads=2, hidden_dim=8, mlp_dim=16,
         num_classes=5,
     )  # fmt: skip
-    return Zoo(model, *_images(3, 16, 5), classifier="heads.head")
+    return Zoo(model, *_images(3, 16, 5))
 
 
 def timm_vit() -> Zoo:
@@ -139,7 +139,7 @@ def timm_vit() -> Zoo:
     model = VisionTransformer(
         img_size=16, patch_size=8, depth=1, num_heads=2, embed_dim=8, num_classes=5
     )
-    return Zoo(model, *_images(3, 16, 5), classifier="head")
+    return Zoo(model, *_images(3, 16, 5))
 
 
 def timm_convnext() -> Zoo:
@@ -148,7 +148,7 @@ def timm_convnext() -> Zoo:
 
     # timm's ConvNeXt has four stages (stem /4, then /2 each): 32x32 inputs end at 1x1
     model = ConvNeXt(depths=(1, 1, 1, 1), dims=(8, 8, 16, 16), num_classes=5)
-    return Zoo(model, *_images(3, 32, 5), classifier="head.fc")
+    return Zoo(model, *_images(3, 32, 5))
 
 
 def _ids() -> Tensor:
@@ -193,7 +193,7 @@ def bert() -> Zoo:
     )  # fmt: skip
     config._attn_implementation = "eager"
     model = Logits(BertForSequenceClassification(config))
-    return Zoo(model, _ids(), torch.randint(0, 3, (N,)), classifier="model.classifier")
+    return Zoo(model, _ids(), torch.randint(0, 3, (N,)))
 
 
 BUILDERS: dict[str, Callable[[], Zoo]] = {
@@ -212,11 +212,20 @@ BUILDERS: dict[str, Callable[[], Zoo]] = {
 }
 
 
+# the Linear feeding the loss directly, of the models whose logits are [N, C]
+CLASSIFIERS = {
+    "mlp": "2", "cnn": "5", "resnet18": "fc", "mobilenet_v3_small": "classifier.3",
+    "tv_vit": "heads.head", "timm_vit": "head", "timm_convnext": "head.fc",
+    "bert": "model.classifier",
+}  # fmt: skip
+
+
 def build(name: str) -> Zoo:
     """The model ``name`` in float64 and eval mode (dropout off, BatchNorm's running
     statistics), its input and targets, all seeded."""
     torch.manual_seed(0)
     zoo = BUILDERS[name]()
+    zoo.classifier = CLASSIFIERS.get(name)
     zoo.model = zoo.model.to(D).eval()
     return zoo
 
