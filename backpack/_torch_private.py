@@ -108,6 +108,28 @@ def refcount(obj: Any) -> int:
     return sys.getrefcount(obj) - 1
 
 
+def saved_indexing(node: Any) -> tuple | None:
+    """``("select", dim, index, sizes)`` or ``("slice", dim, (start, end, step), sizes)`` of a
+    ``SelectBackward0``/``SliceBackward0`` node (None for other nodes).
+
+    Second-order quantities pass ``logits[:, -1]`` between the model and the loss by these;
+    autograd nodes expose what they saved only as private attributes (an index saved as an
+    unsigned 64-bit integer: -1 reads as 2**64 - 1).
+    """
+    kind = type(node).__name__
+    if kind not in ("SelectBackward0", "SliceBackward0"):
+        return None
+
+    def signed(i: int) -> int:
+        return i - (1 << 64) if i >= 1 << 63 else i
+
+    sizes = tuple(node._saved_self_sym_sizes)
+    if kind == "SelectBackward0":
+        return ("select", node._saved_dim, signed(node._saved_index), sizes)
+    span = (signed(node._saved_start), signed(node._saved_end), node._saved_step)
+    return ("slice", node._saved_dim, span, sizes)
+
+
 def view_base(t: Tensor) -> Tensor | None:
     """The tensor ``t`` is a view of (None if it owns its memory); ``Tensor._base``."""
     return t._base

@@ -240,8 +240,8 @@ def test_second_order_without_rules(problem):
 
 
 def test_other_extensions_without_rules():
-    """Square root of the GGN, GGN and Hessian block products, Monte-Carlo GGN; the Kronecker
-    extensions name the parameters they cannot factorise. (HMP omits ``d2 out / dw2`` of a
+    """Square root of the GGN, GGN and Hessian block products, Monte-Carlo GGN; Kronecker
+    extensions store the exact block of the parameters of layers without a rule. (HMP omits ``d2 out / dw2`` of a
     layer nonlinear in its weight ``w``, here ``Custom.w``: a gap of HMP, rules or not.)"""
     problem = next(p for p in SECOND if p.id == "Linear-Custom-Softsign-ce-mean-N3")
     exts = [SqrtGGNExact(), GGNMP(), HMP(), DiagGGNMC(mc_samples=20000), DiagGGNExact()]
@@ -262,8 +262,10 @@ def test_other_extensions_without_rules():
         torch.testing.assert_close(p.hmp(mat).flatten(1), flat @ hess)
         scale = p.diag_ggn_exact.abs().max()
         torch.testing.assert_close(p.diag_ggn_mc, p.diag_ggn_exact, atol=0.05 * scale, rtol=0.1)
-    with pytest.raises(NotImplementedError, match=r"KFLR: no Kronecker factorisation for Custom"):
-        problem.run([KFLR()])
+    model, lossfunc, x, y = problem.run([KFLR()])  # no Kronecker structure: the exact block
+    for name, p in model.named_parameters():
+        if isinstance(model.get_submodule(name.rpartition(".")[0]), Custom):
+            torch.testing.assert_close(p.kflr[0], ggn_block(model, lossfunc, x, y, name))
 
 
 def test_rule_lookup():

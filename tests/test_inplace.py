@@ -3,13 +3,18 @@ every extension against the oracles, in chains and residual blocks built from mo
 
 from __future__ import annotations
 
+import inspect
+import warnings
+import weakref
+
 import pytest
 import torch
 from torch import nn
 from torch.func import functional_call
 
-from backpack import backpack, extend, register
+from backpack import backpack, disable, extend, register
 from backpack.custom_module.branching import SumModule
+from backpack.engine import hooks
 from backpack.extensions import (
     GGNMP,
     HMP,
@@ -25,7 +30,7 @@ from backpack.extensions import (
     Variance,
 )
 from backpack.registry import rule_for
-from tests.oracles import ggn_block, ggn_diag, hessian_diag, per_sample_grads
+from tests.oracles import flat_factors, ggn_block, ggn_diag, hessian_diag, per_sample_grads
 
 
 class InplaceAdd(nn.Module):
@@ -66,6 +71,12 @@ MODELS = {
     "ELU": lambda: _chain(nn.ELU(0.7, inplace=True)),
     "SELU": lambda: _chain(nn.SELU(inplace=True)),
     "Hardsigmoid": lambda: _chain(nn.Hardsigmoid(inplace=True)),
+    # derivatives that need the input itself: the engine keeps a copy (Rule.inplace_needs_input)
+    "Hardswish": lambda: _chain(nn.Hardswish(inplace=True)),
+    "SiLU": lambda: _chain(nn.SiLU(inplace=True)),
+    "Mish": lambda: _chain(nn.Mish(inplace=True)),
+    "CELU": lambda: _chain(nn.CELU(0.7, inplace=True)),
+    "Threshold": lambda: _chain(nn.Threshold(0.1, -2.0, inplace=True)),
     "Dropout-eval": lambda: _chain(nn.Dropout(0.5, inplace=True)).eval(),
     # in place on an in-place result that autograd saved fails in plain PyTorch too; eval-mode
     # dropout returns its input (the engine sees a pass-through)
@@ -155,10 +166,159 @@ def test_train_mode_dropout_in_place_equals_out_of_place():
         torch.testing.assert_close(results[1][key], value, msg=str(key))
 
 
-def test_inplace_layer_whose_derivative_is_lost_raises():
-    """First order needs no Jacobian of the layer; what flows through it does."""
-    model = extend(_chain(nn.SiLU(inplace=True)).double())
+# every module of torch.nn with an ``inplace`` argument (test_the_table_covers_torch_nn), with
+# arguments whose branches the inputs below reach; dropout in eval mode (training: above)
+ACTIVATIONS = {
+    "CELU": lambda ip: nn.CELU(0.7, inplace=ip),
+    "ELU": lambda ip: nn.ELU(1.3, inplace=ip),
+    "Hardsigmoid": lambda ip: nn.Hardsigmoid(inplace=ip),
+    "Hardswish": lambda ip: nn.Hardswish(inplace=ip),
+    "Hardtanh": lambda ip: nn.Hardtanh(-0.5, 0.8, inplace=ip),
+    "LeakyReLU": lambda ip: nn.LeakyReLU(0.1, inplace=ip),
+    "Mish": lambda ip: nn.Mish(inplace=ip),
+    "RReLU": lambda ip: nn.RReLU(0.1, 0.3, inplace=ip).eval(),
+    "ReLU": lambda ip: nn.ReLU(inplace=ip),
+    "ReLU6": lambda ip: nn.ReLU6(inplace=ip),
+    "SELU": lambda ip: nn.SELU(inplace=ip),
+    "SiLU": lambda ip: nn.SiLU(inplace=ip),
+    "Threshold": lambda ip: nn.Threshold(0.1, -2.0, inplace=ip),
+    **{
+        name: lambda ip, name=name: getattr(nn, name)(0.3, inplace=ip).eval()
+        for name in ("Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout",
+                     "FeatureAlphaDropout")
+    },
+}  # fmt: skip
+ARCHS = {  # the activation between parametrised layers: after a Linear, after a Conv2d
+    "mlp": (lambda act: nn.Sequential(nn.Linear(4, 6), act, nn.Linear(6, 3)), (4,)),
+    "cnn": (
+        lambda act: nn.Sequential(nn.Conv2d(2, 3, 2), act, nn.Flatten(), nn.Linear(12, 3)),
+        (2, 3, 3),
+    ),
+}
+COMPARED = [BatchGrad, BatchL2Grad, SumGradSquared, Variance, DiagGGNExact, BatchDiagGGNExact,
+            DiagHessian, BatchDiagHessian, KFLR]  # fmt: skip
+
+
+def test_the_table_covers_torch_nn():
+    """A module type torch adds with an ``inplace`` argument fails here until it is listed."""
+    found = {
+        name
+        for name in dir(nn)
+        if isinstance(cls := getattr(nn, name), type)
+        and issubclass(cls, nn.Module)
+        and "inplace" in inspect.signature(cls.__init__).parameters
+    }
+    assert found == set(ACTIVATIONS)
+
+
+def _savefields(arch: str, act: str, inplace: bool, x: torch.Tensor, y: torch.Tensor) -> dict:
+    torch.manual_seed(0)
+    make, _ = ARCHS[arch]
+    model = extend(make(ACTIVATIONS[act](inplace)).double())
     lossfunc = extend(nn.CrossEntropyLoss())
-    with pytest.raises(NotImplementedError, match="inplace=True overwrites the input"):
-        with backpack(DiagGGNExact()):
-            lossfunc(model(torch.randn(2, 4).double()), torch.tensor([0, 1])).backward()
+    exts = [ext() for ext in COMPARED]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*automatic rule")  # every layer has a rule
+        with backpack(*exts):
+            lossfunc(model(x), y).backward()
+    fields = [e.savefield for e in exts]
+    result = {(n, f): getattr(p, f) for n, p in model.named_parameters() for f in fields}
+    for record_set in (m.__dict__.get("_backpack_calls", ()) for m in model.modules()):
+        assert not record_set  # every record released after backward
+    return result
+
+
+@pytest.mark.parametrize(
+    "act, arch",
+    [(a, b) for a in ACTIVATIONS for b in ARCHS if (a, b) != ("Dropout1d", "cnn")],  # 4-D input
+)
+def test_inplace_equals_out_of_place(act, arch):
+    """Every in-place-capable layer of torch.nn in place gives what it gives out of place
+    (checked against the oracles for the rules: test_param_free_rules, cases_activations)."""
+    torch.manual_seed(1)
+    x = 2 * torch.randn(5, *ARCHS[arch][1], dtype=torch.float64)  # both sides of the kinks
+    y = torch.tensor([0, 2, 1, 1, 0])
+    want = _savefields(arch, act, False, x, y)
+    got = _savefields(arch, act, True, x, y)
+    assert (want[("0.weight", "diag_h")] != 0).any()
+    for key, value in want.items():
+        if isinstance(value, list):
+            for a, b in zip(flat_factors(got[key]), flat_factors(value), strict=True):
+                torch.testing.assert_close(a, b, msg=str(key))
+        else:
+            torch.testing.assert_close(got[key], value, msg=str(key))
+
+
+def _record(module: nn.Module):
+    (record,) = module.__dict__["_backpack_calls"]
+    return record
+
+
+@pytest.mark.parametrize("act", ["Hardswish", "ReLU"])
+def test_input_is_copied_only_where_the_rule_needs_it(act):
+    """Hardswish keeps a copy of its input until backward, then frees it; ReLU copies nothing
+    (its derivative follows from the output)."""
+    model = extend(_chain(ACTIVATIONS[act](True)).double())
+    lossfunc = extend(nn.CrossEntropyLoss())
+    x, y = torch.randn(3, 4, dtype=torch.float64), torch.tensor([0, 2, 1])
+    hidden = model[0](x)
+    out = model[1](hidden)
+    assert out is hidden
+    kept = _record(model[1]).io.inputs[0]
+    copied = kept.data_ptr() != out.data_ptr()
+    assert copied == (act == "Hardswish") == rule_for(model[1]).inplace_needs_input
+    if copied:
+        torch.testing.assert_close(kept, model[0](x).detach())
+    ref = weakref.ref(kept)
+    del kept
+    with backpack(DiagHessian()):
+        lossfunc(model[2](out), y).backward()
+    assert not model[1].__dict__["_backpack_calls"]
+    assert ref() is None or not copied  # the copy died with the record
+    assert not hooks._PENDING
+
+
+def test_no_copy_without_recording():
+    """Forward passes that record nothing (no grad, ``disable()``, inside torch.func) leave
+    nothing behind."""
+    model = extend(_chain(nn.SiLU(inplace=True)).double())
+    x = torch.randn(3, 4, dtype=torch.float64)
+    with torch.no_grad():
+        model(x)
+    with disable():
+        model(x)
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    torch.func.vmap(lambda xn: functional_call(model, params, (xn,)))(x)
+    assert not hooks._PENDING
+    assert not model[1].__dict__.get("_backpack_calls")
+
+
+def test_inplace_switched_on_after_extend():
+    """``inplace`` read at each call, not at ``extend``."""
+    torch.manual_seed(1)
+    x, y = 2 * torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 2, 1, 1, 0])
+    want = _savefields("mlp", "Hardswish", False, x, y)
+    torch.manual_seed(0)
+    model = extend(ARCHS["mlp"][0](nn.Hardswish()).double())
+    model[1].inplace = True
+    with backpack(DiagHessian()):
+        extend(nn.CrossEntropyLoss())(model(x), y).backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.diag_h, want[(name, "diag_h")])
+
+
+def test_rrelu_training_in_place_equals_out_of_place():
+    """Same seed, same random slopes: the rule reads each slope as ``y / x``."""
+    results = []
+    for inplace in (False, True):
+        torch.manual_seed(0)
+        model = extend(_chain(nn.RReLU(0.1, 0.4, inplace=inplace)).double())
+        lossfunc = extend(nn.CrossEntropyLoss())
+        x, y = torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 2, 1, 1, 0, 2])
+        exts = [ext() for ext in [*FIRST, *SECOND[:5]]]
+        with backpack(*exts):
+            lossfunc(model(x), y).backward()
+        fields = [e.savefield for e in exts]
+        results.append({(n, f): getattr(p, f) for n, p in model.named_parameters() for f in fields})
+    for key, value in results[0].items():
+        torch.testing.assert_close(results[1][key], value, msg=str(key))

@@ -13,6 +13,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from tests.zoo import import_torchvision  # noqa: E402
+
+import_torchvision()  # laplace imports torchvision, whose PyPI wheel needs this here (see there)
 laplace = pytest.importorskip("laplace", reason="laplace-torch is not installed (see docstring)")
 from laplace.curvature import (  # noqa: E402
     BackPackEF,

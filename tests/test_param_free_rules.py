@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -33,6 +35,17 @@ CASES = [
     ("SELU-inplace", lambda: nn.SELU(inplace=True), (6,)),
     ("Hardtanh", lambda: nn.Hardtanh(-0.5, 0.8), (6,)),
     ("ReLU6-inplace", lambda: nn.ReLU6(inplace=True), (6,)),
+    ("CELU", lambda: nn.CELU(0.6), (6,)),
+    ("CELU-inplace", lambda: nn.CELU(1.4, inplace=True), (6,)),
+    ("Threshold", lambda: nn.Threshold(0.1, 20.0), (6,)),
+    ("Threshold-inplace", lambda: nn.Threshold(-0.2, -3.0, inplace=True), (6,)),
+    ("RReLU", lambda: nn.RReLU(0.1, 0.4), (3, 4)),
+    ("RReLU-inplace", lambda: nn.RReLU(inplace=True), (3, 4)),
+    ("RReLU-train", lambda: nn.RReLU(0.1, 0.4), (3, 4)),
+    ("RReLU-train-inplace", lambda: nn.RReLU(inplace=True), (3, 4)),
+    ("SiLU-inplace", lambda: nn.SiLU(inplace=True), (6,)),
+    ("Mish-inplace", lambda: nn.Mish(inplace=True), (6,)),
+    ("Hardswish-inplace", lambda: nn.Hardswish(inplace=True), (2, 6)),
     ("Identity", lambda: nn.Identity(), (4,)),
     ("Dropout-train", lambda: nn.Dropout(0.4), (3, 5)),
     ("Dropout-train-inplace", lambda: nn.Dropout(0.4, inplace=True), (3, 5)),
@@ -102,9 +115,14 @@ SEED = 7
 
 
 def _forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The module's (first) output, same dropout mask every call; the input stays intact."""
+    """The module's (first) output, same dropout mask every call; the input stays intact (an
+    in-place module runs as its out-of-place copy: torch has no forward AD for some in-place
+    ops, e.g. ``rrelu_with_noise_``)."""
+    if getattr(module, "inplace", False):
+        module = copy.copy(module)
+        module.inplace = False
     torch.manual_seed(SEED)
-    out = module(x.clone() if getattr(module, "inplace", False) else x)
+    out = module(x)
     return out[0] if isinstance(out, tuple) else out
 
 
@@ -114,13 +132,15 @@ def _setup(name, make, shape):
     x = torch.randn(N, *shape, dtype=DTYPE)
     rule = rule_for(module)
     assert rule is not None, f"no rule for {type(module).__name__}"
-    # the record as the engine stores it: after an in-place layer its input holds the output
+    # the record as the engine stores it: after an in-place layer its input holds the output,
+    # unless the rule asks for a copy of the input (Rule.inplace_needs_input)
     stored = x.clone()
     torch.manual_seed(SEED)
     with torch.no_grad():
         out = module(stored)
     out = out[0] if isinstance(out, tuple) else out
-    io = IO((stored,), out if rule.needs_output else None)
+    kept = x.clone() if getattr(module, "inplace", False) and rule.inplace_needs_input else stored
+    io = IO((kept,), out if rule.needs_output else None)
     rule.check(module, io, None)
     return module, rule, io, x, out
 

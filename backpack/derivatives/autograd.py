@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.func import functional_call, grad, jvp, vjp, vmap
 from torch.nn import Module
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from backpack._state import disable
 from backpack.derivatives.base import IO, dense_factors
@@ -30,7 +30,10 @@ def _as_tuple(x: Any) -> tuple:
 
 
 def call(module: Module, state: dict, args: tuple, kwargs: dict) -> Any:
-    """The module's forward on ``state``; extended modules record nothing (no nested hooks)."""
+    """The module's forward on ``state``; extended modules record nothing (no nested hooks).
+    An in-place module gets copies: it would overwrite the recorded inputs."""
+    if getattr(module, "inplace", False) is True:
+        args = tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, args)
     with disable():
         return functional_call(module, state, args, kwargs)
 

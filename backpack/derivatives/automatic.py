@@ -22,6 +22,7 @@ Assumptions, each checked where it can be:
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 from weakref import WeakKeyDictionary
@@ -52,6 +53,7 @@ from backpack.derivatives.autograd import (
 from backpack.derivatives.base import IO, LossRule, Request, Rule
 from backpack.registry import set_fallback
 
+MAX_BLOCK = 4096  # largest parameter whose exact curvature block Kronecker extensions store
 # module -> names of its extended submodules its forward calls (found once, by a recompute)
 _CALLED: WeakKeyDictionary[Module, tuple[str, ...]] = WeakKeyDictionary()
 
@@ -240,6 +242,24 @@ class AutogradRule(Rule):
 
     def residual_factors(self, module: Module, io: IO, g: Any) -> list[tuple[float, Any]]:
         return residual_factors_autograd(module, io, g)
+
+    def kron_factors(self, module: Module, io: IO, mat: Tensor, name: str) -> None:
+        """No Kronecker structure is known: Kronecker extensions store the parameter's exact
+        ``[P, P]`` block ``[G]`` (a layer scale, a class token, a norm's weight).
+
+        Raises:
+            NotImplementedError: for a parameter of more than ``MAX_BLOCK`` entries.
+        """
+        shape = tuple(module.get_parameter(name).shape)
+        if math.prod(shape) > MAX_BLOCK:
+            raise NotImplementedError(
+                f"Kronecker extensions: parameter '{name}' {shape} of {module} has no rule with "
+                f"Kronecker factors, and its exact curvature block would have "
+                f"{math.prod(shape)}^2 entries. Register a rule with kron_factors "
+                f"(@backpack.register({type(module).__name__})), freeze the parameter "
+                "(requires_grad=False), or use a diagonal extension (DiagGGNExact, DiagGGNMC)."
+            )
+        return None
 
     def param_residual_diag(
         self, module: Module, io: IO, g: Any, name: str, sum_batch: bool = True

@@ -78,6 +78,12 @@ class Rule:
     """Jacobian products of one module type (see the module docstring for shapes)."""
 
     needs_output = True  # store the module's output in forward (else only its inputs)
+    # whether backward reads the input of an in-place call (a module with ``inplace=True``) as
+    # it was before the call overwrote it: then the engine copies the input in a forward
+    # pre-hook (what autograd does for such layers, e.g. ``hardswish_``). Rules that recover
+    # their derivative from the overwritten input (ReLU: the output's sign is the input's)
+    # set it False: no copy
+    inplace_needs_input = True
     is_loss = False
     # first-order quantities are differentiable w.r.t. parameters and inputs when computed with
     # grad mode on (backward(create_graph=True)): plain tensor ops of the record and ``g``

@@ -20,6 +20,7 @@ class SumRule(Rule):
     """``out = sum_i x_i``: every input receives ``mat`` unchanged."""
 
     needs_output = False
+    inplace_needs_input = False  # reads no input (an in-place ``a += b`` needs no copy)
 
     def jac_t_mat_prod(self, module: Module, io: IO, mat: Tensor) -> tuple[Tensor, ...]:
         return tuple(mat for _ in io.inputs)

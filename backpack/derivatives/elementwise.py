@@ -4,11 +4,13 @@ A rule of this family gives only ``f'`` and ``f''``; the Jacobian is ``diag(f'(x
 Hessian residual of the layer is ``diag(f''(x) * g)``. ``f''`` of None marks a piecewise linear
 layer (its Hessian residual is zero).
 
-In-place layers (``inplace=True``) overwrite their input with their output, so ``io.inputs[0]``
-then holds ``y = f(x)``. The rows of in-place-capable layers are written to read the same from
-``x`` and ``y`` (sign and interval tests that ``f`` preserves) or branch on ``module.inplace``.
-Which tensor a row reads mirrors what autograd saves for the layer: a later in-place change to
-that tensor makes PyTorch's own backward fail as well.
+In-place layers (``inplace=True``) overwrite their input with their output. Rows that can read
+``f'`` and ``f''`` from ``y = f(x)`` (sign and interval tests that ``f`` preserves, or a branch
+on ``module.inplace``) set ``inplace_needs_input = False``: ``io.inputs[0]`` then holds ``y``.
+The others (SiLU, Mish, Hardswish: ``y`` does not determine ``x``) get the input as it was, a
+copy the engine takes before the layer runs (``Rule.inplace_needs_input``). Which tensor a row
+reads mirrors what autograd saves for the layer: a later in-place change to that tensor makes
+PyTorch's own backward fail as well.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn import Module
 
-from backpack.derivatives.base import IO, Request, Rule
+from backpack.derivatives.base import IO, Rule
 from backpack.registry import register
 
 Derivative = Callable[[Module, Tensor, "Tensor | None"], "Tensor | float"]
@@ -31,15 +33,8 @@ class ElementwiseRule(Rule):
     """``y = f(x)`` elementwise: subclasses give ``df`` (``f'``) and ``d2f`` (``f''``)."""
 
     needs_output = False  # rows reading the output set it to True
-    inplace_ok = True  # whether f' and f'' can be read from the overwritten input
+    inplace_needs_input = False  # rows whose f', f'' need x itself set it to True
     fresh_jac_t = True
-
-    def check(self, module: Module, io: IO, request: Request | None) -> None:
-        if getattr(module, "inplace", False) and not self.inplace_ok:
-            raise NotImplementedError(
-                f"{request.name} on {module}: inplace=True overwrites the input, "
-                "from which this layer's derivative cannot be recovered. Use inplace=False."
-            )
 
     def df(self, module: Module, x: Tensor, y: Tensor | None) -> Tensor | float:
         """``f'`` ``[n, *in]`` (or a scalar) from the input ``x`` and output ``y``."""
@@ -77,14 +72,15 @@ def _row(
     df: Derivative,
     d2f: Derivative | None = None,
     output: bool = False,
-    inplace_ok: bool = True,
+    needs_input: bool = False,
 ) -> None:
     """Register an elementwise rule for ``types`` from ``f'`` and ``f''`` (None: piecewise linear).
 
     ``output``: whether ``f'`` or ``f''`` read the output ``y`` (else it is None).
-    ``inplace_ok``: whether they are right when the input was overwritten by ``y``.
+    ``needs_input``: whether they need ``x`` itself, which an in-place call overwrites with
+    ``y`` (``Rule.inplace_needs_input``: the engine then keeps a copy of ``x``).
     """
-    body = {"df": staticmethod(df), "needs_output": output, "inplace_ok": inplace_ok}
+    body = {"df": staticmethod(df), "needs_output": output, "inplace_needs_input": needs_input}
     if d2f is not None:
         body["d2f"] = staticmethod(d2f)
     register(*types)(type(f"{types[0].__name__}Rule", (ElementwiseRule,), body))
@@ -119,6 +115,25 @@ def _selu_df(m: nn.SELU, x: Tensor, y: None) -> Tensor:
 
 def _selu_d2f(m: nn.SELU, x: Tensor, y: None) -> Tensor:
     return torch.where(x > 0, 0.0, _exp_branch(m, x, _SELU_SCALE, _SELU_ALPHA))
+
+
+def _celu_exp(m: nn.CELU, x: Tensor) -> Tensor:
+    """``exp(x / alpha)``; in place ``x`` holds ``alpha * (exp(x / alpha) - 1)``."""
+    return x / m.alpha + 1 if m.inplace else (x / m.alpha).exp()
+
+
+def _celu_df(m: nn.CELU, x: Tensor, y: None) -> Tensor:
+    return torch.where(x > 0, 1.0, _celu_exp(m, x))
+
+
+def _celu_d2f(m: nn.CELU, x: Tensor, y: None) -> Tensor:
+    return torch.where(x > 0, 0.0, _celu_exp(m, x) / m.alpha)
+
+
+def _rrelu_df(m: nn.RReLU, x: Tensor, y: Tensor) -> Tensor:
+    """1 for ``x >= 0``, else the slope ``y / x`` (eval: ``(lower + upper) / 2``; training:
+    the slope drawn for that entry in forward)."""
+    return torch.where(x >= 0, 1.0, y / x)
 
 
 def _dropout_df(m: nn.Dropout, x: Tensor, y: Tensor) -> Tensor | float:
@@ -159,6 +174,10 @@ _row(
 )
 _row((nn.ELU,), _elu_df, _elu_d2f)
 _row((nn.SELU,), _selu_df, _selu_d2f)
+_row((nn.CELU,), _celu_df, _celu_d2f)
+# the input is ``x`` itself (the engine copies it in place): ``y`` does not determine it
+_row((nn.Threshold,), lambda m, x, y: (x > m.threshold).to(x.dtype), needs_input=True)
+_row((nn.RReLU,), _rrelu_df, output=True, needs_input=True)
 _row((nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d), _dropout_df, output=True)
 
 
@@ -246,8 +265,8 @@ def _hardswish_d2f(m: nn.Hardswish, x: Tensor, y: None) -> Tensor:
 
 
 _row((nn.GELU,), _gelu_df, _gelu_d2f)
-_row((nn.SiLU,), _silu_df, _silu_d2f, inplace_ok=False)
-_row((nn.Mish,), _mish_df, _mish_d2f, inplace_ok=False)
+_row((nn.SiLU,), _silu_df, _silu_d2f, needs_input=True)
+_row((nn.Mish,), _mish_df, _mish_d2f, needs_input=True)
 _row((nn.Softplus,), _softplus_df, _softplus_d2f)
 _row((nn.Hardsigmoid,), _hardsigmoid_df)
-_row((nn.Hardswish,), _hardswish_df, _hardswish_d2f, inplace_ok=False)
+_row((nn.Hardswish,), _hardswish_df, _hardswish_d2f, needs_input=True)

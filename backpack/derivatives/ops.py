@@ -34,7 +34,6 @@ from backpack.derivatives.base import IO, Request
 from backpack.registry import register
 
 IN, CONST, PARAM, DERIVED = range(4)  # kinds of the tensor arguments of a recorded call
-MAX_BLOCK = 4096  # largest parameter whose exact curvature block Kronecker extensions store
 
 
 def func_name(func: Any) -> str:
@@ -155,24 +154,6 @@ class OpRule(AutogradRule):
 
     def param_names(self, module: Module) -> list[str]:
         return [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
-
-    def kron_factors(self, module: Module, io: IO, mat: Tensor, name: str) -> None:
-        """A parameter read by a function call (a class token, a layer scale) has no
-        Kronecker structure: Kronecker extensions store its exact ``[P, P]`` block ``[G]``.
-
-        Raises:
-            NotImplementedError: for a parameter of more than ``MAX_BLOCK`` entries.
-        """
-        numel = module.get_parameter(name).numel()
-        if numel > MAX_BLOCK:
-            raise NotImplementedError(
-                f"Kronecker extensions: the parameter of shape "
-                f"{tuple(module.get_parameter(name).shape)} read by {func_name(module.call.func)} "
-                f"between modules has no Kronecker structure, and its exact curvature block "
-                f"would have {numel}^2 entries. Freeze it (requires_grad=False) for these "
-                "extensions, or use a diagonal one (DiagGGNExact, DiagGGNMC) for it."
-            )
-        return None
 
 
 class Merge(Op):

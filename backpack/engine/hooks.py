@@ -27,7 +27,9 @@ from backpack.engine.record import _Record, tie
 from backpack.engine.streams import send
 from backpack.registry import rule_for
 
-_PENDING_KEYS: dict[Module, tuple] = {}  # in-place modules: input keys read before they run
+# in-place modules: (input keys, inputs) taken before they run; the inputs are copies where the
+# rule reads the input as it was (``Rule.inplace_needs_input``), else None
+_PENDING: dict[Module, tuple[tuple, tuple | None]] = {}
 
 
 def _key(t: Any) -> tuple | None:
@@ -69,46 +71,80 @@ _VIEW_NODES = frozenset(
 
 
 def _bridge_identity_view(t: Tensor) -> None:
-    """Second-order quantities reaching ``t``, a view of a tensor of the same shape
-    (``f.view(-1, C)`` of an ``[N, C]`` output before the loss, as laplace-torch does; chains
-    of such views included), pass on to that tensor unchanged; through a view that merges the
-    batch with the axes after it (``logits.view(-1, V)`` of ``[N, T, V]``: each token a sample
-    of the loss) they pass on with each merged row's columns kept apart (``unmerge``)."""
-    node, src, shape, merged = t.grad_fn, None, tuple(t.shape), None
-    while type(node).__name__ in _VIEW_NODES and len(node.next_functions) == 1:
-        sizes = _tp.saved_self_sizes(node)
-        if sizes != shape:
-            k = merged_rows(sizes, shape) if sizes is not None and merged is None else None
-            if k is None:
-                break
-            merged, shape = (k, sizes), sizes
+    """Second-order quantities reaching ``t``, a view made between the model and the loss,
+    pass on to the tensor it views: unchanged through views of the same shape
+    (``f.view(-1, C)`` of an ``[N, C]`` output, as laplace-torch does), with each merged row's
+    columns kept apart through a view that merges the batch with the axes after it
+    (``logits.view(-1, V)`` of ``[N, T, V]``: each token a sample of the loss, ``unmerge``),
+    and placed at their index through indexing off the batch axis (``logits[:, -1]``)."""
+    node, src, shape, steps = t.grad_fn, None, tuple(t.shape), []
+    while node is not None and len(node.next_functions) == 1:
+        step = _view_step(node, shape, any(s[0] is unmerge for s in steps))
+        if step is None:
+            break
+        if step[0] is not None:
+            steps.append(step)
+        shape = step[-1]
         src = node.next_functions[0]
         node = src[0]
     if src is not None and src[0] is not None:
         # the hook finds its node by _current_autograd_node: binding it would be a leaking cycle
-        t.grad_fn.register_prehook(partial(_pass_on, src, merged))
+        t.grad_fn.register_prehook(partial(_pass_on, src, steps))
 
 
-def _pass_on(src: tuple, merged: tuple | None, grads: tuple) -> None:
+def _view_step(node: Any, shape: tuple, merged: bool) -> tuple | None:
+    """One view node between the model and the loss.
+
+    Returns:
+        ``(transform, *args, input shape)`` (``transform`` None: the identity), or None where
+        the bridge stops.
+    """
+    indexing = _tp.saved_indexing(node)
+    if indexing is not None:
+        kind, dim, where, sizes = indexing
+        return (_placed, kind, dim, where, sizes) if dim % len(sizes) != 0 else None
+    if type(node).__name__ not in _VIEW_NODES:
+        return None
+    sizes = _tp.saved_self_sizes(node)
+    if sizes == shape:
+        return (None, sizes)
+    k = merged_rows(sizes, shape) if sizes is not None and not merged else None
+    return None if k is None else (unmerge, k, sizes)
+
+
+def _placed(mat: Tensor, kind: str, dim: int, where: Any, sizes: tuple) -> Tensor:
+    """``[v, *out] -> [v, *sizes]``: ``mat`` at the selected index (or slice) of axis ``dim``."""
+    full = mat.new_zeros(mat.shape[0], *sizes)
+    index = where if kind == "select" else slice(*where)
+    full[(slice(None),) * (dim + 1) + (index,)] = mat
+    return full
+
+
+def _pass_on(src: tuple, steps: list, grads: tuple) -> None:
     flowing = STATE.flowing
     node = _tp.current_node()
     for key in [k for k in flowing if k[1] is node]:  # (stream, node, output index)
         value = flowing.pop(key)
-        if merged is not None:
-            value = _unmerged(value, *merged)
+        if steps:
+            value = _through(value, steps)
         send(flowing, key[0], (src,), [value])
 
 
-def _unmerged(value: Any, k: int, shape: tuple) -> dict:
-    """Factors ``{origin: (sign, [v, N * k, *rest])}`` through a batch-merging view."""
+def _through(value: Any, steps: list) -> dict:
+    """Factors ``{origin: (sign, [v, *out])}`` through the view steps to the viewed tensor."""
     if not isinstance(value, dict):
         raise NotImplementedError(
-            f"backpack: a view merging the batch with the next axes (to shape {shape}) before "
-            "the loss is followed by the diagonal, square-root and Kronecker extensions; this "
-            "extension's backpropagated quantity cannot pass it. Keep the batch axis of the "
-            "loss input that of the model output."
+            "backpack: a view between the model and the loss that merges the batch with the "
+            "next axes or indexes the output is followed by the diagonal, square-root and "
+            "Kronecker extensions; this extension's backpropagated quantity cannot pass it. "
+            "Do it inside the model's forward pass (extend(model) records it)."
         )
-    return {o: Factor(s, unmerge(m, k, shape)) for o, (s, m) in value.items()}
+    out = {}
+    for o, (s, m) in value.items():
+        for f, *args in steps:
+            m = f(m, *args)
+        out[o] = Factor(s, m)
+    return out
 
 
 def _wants_hook(module: Module) -> bool:
@@ -156,7 +192,7 @@ def extend(module: Module, debug: bool = False, use_converter: bool = False) -> 
             logger.info("Extending %s", m)
         m.register_forward_hook(_forward_hook, with_kwargs=True)
         m.register_forward_pre_hook(_enter)
-        if getattr(m, "inplace", False):
+        if isinstance(getattr(m, "inplace", None), bool):  # in place now or later (_pre_hook)
             m.register_forward_pre_hook(_pre_hook)
     return module
 
@@ -195,10 +231,20 @@ def memory_cleanup(module: Module) -> None:
 
 
 def _pre_hook(module: Module, args: tuple) -> None:
+    """Before an in-place call overwrites its input: the input's keys, and a copy of the input
+    where the module's rule needs it (``Rule.inplace_needs_input``; PyTorch's autograd copies
+    it too for such layers, e.g. ``hardswish_``). The record holds the copy, so it is freed
+    with the record after backward."""
+    if not module.inplace:
+        return None
     if torch.compiler.is_compiling():  # as in _forward_hook
         return torch.compiler.disable(_pre_hook)(module, args)
-    if STATE.store_io and torch.is_grad_enabled():
-        _PENDING_KEYS[module] = _keys(args)
+    if STATE.store_io and torch.is_grad_enabled() and not _tp.in_functorch_transform():
+        kept = None
+        if rule_for(module).inplace_needs_input:
+            kept = tuple(a.detach().clone() if isinstance(a, Tensor) else a for a in args)
+        _PENDING[module] = (_keys(args), kept)
+    return None
 
 
 def _enter(module: Module, args: tuple) -> None:
@@ -218,6 +264,7 @@ def _forward_hook(module: Module, args: tuple, kwargs: dict, output: Any) -> Any
         if session.depth != 1:
             return _record_call(module, args, kwargs, output)
         if session.module_output(module, args, kwargs, output):
+            _PENDING.pop(module, None)
             return None  # parameters and constants only, no batch axis: replayed by its users
         result = _record_call(module, args, kwargs, output)
         session.track(module, output if result is None else result)
@@ -227,10 +274,15 @@ def _forward_hook(module: Module, args: tuple, kwargs: dict, output: Any) -> Any
 
 
 def _record_call(module: Module, args: tuple, kwargs: dict, output: Any) -> Any:
+    pending = _PENDING.pop(module, None) if _PENDING else None
     # inside torch.func transforms (a user's vmap/grad, or our own rules) nothing is recorded
     if not STATE.store_io or not torch.is_grad_enabled() or _tp.in_functorch_transform():
         return None
-    in_keys = _PENDING_KEYS.pop(module, None) or _keys(args)
+    if pending is None:
+        in_keys = _keys(args)
+    else:
+        in_keys, kept = pending
+        args = args if kept is None else kept
     if isinstance(output, Tensor):
         out_key = _key(output)
         if out_key is None or out_key in in_keys:
