@@ -36,6 +36,42 @@ from backpack.registry import register
 IN, CONST, PARAM, DERIVED = range(4)  # kinds of the tensor arguments of a recorded call
 
 
+# functions affine in their tensor arguments jointly, and multilinear ones (affine in any one
+# argument); division is affine in its numerator (by names: methods, dunders and functions)
+_AFFINE = frozenset(
+    ("add", "__add__", "__radd__", "__iadd__", "add_", "sub", "__sub__", "__rsub__", "__isub__",
+     "sub_", "neg", "__neg__", "negative", "view", "view_as", "reshape", "reshape_as", "flatten",
+     "unflatten", "permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "t",
+     "contiguous", "expand", "expand_as", "__getitem__", "__setitem__", "cat", "concat",
+     "concatenate", "stack", "hstack", "vstack", "chunk", "split", "tensor_split", "unbind",
+     "squeeze", "unsqueeze", "mean", "sum", "pad", "roll", "flip", "narrow", "select",
+     "index_select", "gather", "to", "type_as", "clone", "float", "double", "repeat", "tile",
+     "repeat_interleave", "diagonal", "tril", "triu", "cumsum", "masked_fill", "where",
+     "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
+     "adaptive_avg_pool3d", "diag_embed", "unfold", "fold", "interpolate")
+)  # fmt: skip
+_MULTILINEAR = frozenset(
+    ("mul", "__mul__", "__rmul__", "__imul__", "mul_", "multiply", "matmul", "__matmul__",
+     "__rmatmul__", "bmm", "mm", "einsum", "linear", "conv1d", "conv2d", "conv3d",
+     "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "outer", "dot", "baddbmm",
+     "addmm", "addbmm")
+)  # fmt: skip
+_DIVISION = frozenset(("div", "__truediv__", "__itruediv__", "div_", "divide", "true_divide"))
+
+
+def _affine_in(call: Call, positions: list[int]) -> bool:
+    """Whether ``call`` is affine in the leaves at ``positions`` jointly (its second
+    derivative w.r.t. them vanishes)."""
+    name = getattr(call.func, "__name__", "")
+    if call.module is not None:
+        return False
+    if name in _AFFINE:
+        return True
+    if name in _MULTILINEAR:
+        return len(positions) <= 1
+    return name in _DIVISION and positions in ([], [0])
+
+
 def func_name(func: Any) -> str:
     """A readable name of a torch function (``torch.cat``, ``Tensor.view``)."""
     name = getattr(func, "__name__", repr(func))
@@ -154,6 +190,34 @@ class OpRule(AutogradRule):
 
     def param_names(self, module: Module) -> list[str]:
         return [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+
+    def residual_factors(self, module: Module, io: IO, g: Any) -> list[tuple[float, Any]]:
+        """None for a call affine in its inputs jointly (most calls between modules: sums,
+        reshapes, indexing, products with one input): skips ``D`` Hessian-vector products."""
+        if _affine_in(module.call, [i for i, (k, _) in enumerate(module.call.slots) if k == IN]):
+            return []
+        return super().residual_factors(module, io, g)
+
+    def param_residual_diag(
+        self, module: Module, io: IO, g: Any, name: str, sum_batch: bool = True
+    ) -> Tensor | None:
+        if self._affine_in_param(module, name):
+            return None
+        return super().param_residual_diag(module, io, g, name, sum_batch)
+
+    def param_residual_mat_prod(
+        self, module: Module, io: IO, g: Any, name: str, mat: Tensor
+    ) -> Tensor | None:
+        if self._affine_in_param(module, name):
+            return None
+        return super().param_residual_mat_prod(module, io, g, name, mat)
+
+    @staticmethod
+    def _affine_in_param(module: Module, name: str) -> bool:
+        p, call = module.get_parameter(name), module.call
+        if any(k == DERIVED for k, _ in call.slots):
+            return False  # replayed through any function of the parameters
+        return _affine_in(call, [i for i, (k, r) in enumerate(call.slots) if k == PARAM and r is p])
 
 
 class Merge(Op):
