@@ -5,14 +5,17 @@ and parameters read outside leaf modules (a class token, a layer scale) get ever
 
 ``extend(model)`` gives the model (the root) a forward pre-hook that starts a ``Session``: a
 ``TorchFunctionMode`` that sees every torch function call until the root's forward returns.
-Calls inside extended modules are theirs (the modules' pre-hooks count the depth). A call on
-tensors that flow in the graph becomes the record of an ``Op`` (``backpack.derivatives.ops``)
-with its own autograd-node hook, exactly like a module call. Calls on parameters and
-constants alone without the batch axis are derived: their ``Call`` is replayed in the calls
-that read them. The batch size is the leading size of the root's first tensor argument; a call
-that takes a tensor with the batch axis and returns one without (``x.mean(0)``,
-``x.transpose(0, 1)``) breaks the per-sample structure: its backward raises for every
-extension.
+Calls inside extended modules are theirs (the session steps off the mode stack while one
+runs). A call on tensors that flow in the graph becomes the record of an ``Op``
+(``backpack.derivatives.ops``) with its own autograd-node hook, exactly like a module call.
+Calls on parameters and constants alone without the batch axis are derived: their ``Call`` is
+replayed in the calls that read them.
+
+The batch size is the leading size of the root's first tensor argument (or the batch axis of a
+first sequence-first layer), and each tensor's batch axis is tracked (``axes``): computed
+through permutations, else the one axis of the batch's size. A call that reduces, scans or
+sorts along it (``h - h.mean(0)``), or drops it, and a module that receives it elsewhere than
+on its rule's axis, break the per-sample structure: their backward raises for every extension.
 """
 
 from __future__ import annotations
