@@ -218,6 +218,37 @@ def test_language_model_tokens_are_loss_samples(flat: bool):
         torch.testing.assert_close(p.grad_batch, torch.stack(grads[key]))
 
 
+@pytest.mark.parametrize("pick", ["last", "slice"])
+def test_indexing_between_model_and_loss(pick: str):
+    """``logits[:, -1]`` or ``logits[:, 1:3].flatten(0, 1)`` after the model's forward, before
+    the loss: second-order quantities pass to the model's output at the picked positions."""
+    torch.manual_seed(0)
+    n, t, v = 3, 4, 5
+    model = LanguageModel(flat=False).to(DTYPE)
+    x = torch.randint(0, v, (n, t))
+
+    def head(out: Tensor) -> Tensor:
+        return out[:, -1] if pick == "last" else out[:, 1:3].flatten(0, 1)
+
+    y = torch.randint(0, v, (n if pick == "last" else 2 * n,))
+    lossfunc = nn.CrossEntropyLoss()
+
+    class Headed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = model
+
+        def forward(self, x):
+            return head(self.m(x))
+
+    want = ggn_diag(Headed(), lossfunc, x, y)
+    model, lossfunc = extend(model), extend(lossfunc)
+    with backpack(DiagGGNExact()):
+        lossfunc(head(model(x)), y).backward()
+    for key, p in model.named_parameters():
+        torch.testing.assert_close(p.diag_ggn_exact, want["m." + key])
+
+
 class Mixes(nn.Module):
     """A call across the batch axis 0; with batch 4 and 4 features some keep the shape."""
 

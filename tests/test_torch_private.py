@@ -93,6 +93,13 @@ def test_softmax_dim_and_hook_dicts_and_ddp_sink():
     assert isinstance(tp.DDP_SINK_NODE, type)
 
 
+def test_saved_indexing_of_select_and_slice_nodes():
+    x = torch.randn(2, 4, 5, requires_grad=True)
+    assert tp.saved_indexing(x[:, -1].grad_fn) == ("select", 1, -1, (2, 4, 5))
+    assert tp.saved_indexing(x[..., 1:3].grad_fn) == ("slice", 2, (1, 3, 1), (2, 4, 5))
+    assert tp.saved_indexing(x.view(8, 5).grad_fn) is None
+
+
 def test_mode_steps_aside_and_comes_back():
     seen = []
 

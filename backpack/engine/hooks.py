@@ -52,13 +52,13 @@ def _key(t: Any) -> tuple | None:
 def _keys(args: tuple) -> tuple:
     """Keys of the tensors in ``args``, nested tuples and lists (e.g. RNN states) flattened."""
     if len(args) == 1 and isinstance(args[0], Tensor):  # the common case, fast
-        if _tp.view_base(args[0]) is not None:
+        if args[0].grad_fn is not None and type(args[0].grad_fn).__name__ in _BRIDGED:
             _bridge_identity_view(args[0])
         return (_key(args[0]),)
     if any(isinstance(a, (tuple, list)) for a in args):
         args = tree_flatten(args)[0]
     for a in args:
-        if isinstance(a, Tensor) and _tp.view_base(a) is not None:
+        if isinstance(a, Tensor) and a.grad_fn and type(a.grad_fn).__name__ in _BRIDGED:
             _bridge_identity_view(a)
     return tuple(map(_key, args))
 
@@ -68,6 +68,9 @@ _VIEW_NODES = frozenset(
     ("ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "SqueezeBackward0",
      "SqueezeBackward1", "SqueezeBackward2", "ExpandBackward0")
 )  # fmt: skip
+_COPY_NODES = frozenset(("CloneBackward0",))  # reshape of a non-contiguous view: a copy
+# nodes of a module input that may begin a chain the bridge passes (``_bridge_identity_view``)
+_BRIDGED = _VIEW_NODES | {"SelectBackward0", "SliceBackward0"}
 
 
 def _bridge_identity_view(t: Tensor) -> None:
@@ -77,6 +80,8 @@ def _bridge_identity_view(t: Tensor) -> None:
     columns kept apart through a view that merges the batch with the axes after it
     (``logits.view(-1, V)`` of ``[N, T, V]``: each token a sample of the loss, ``unmerge``),
     and placed at their index through indexing off the batch axis (``logits[:, -1]``)."""
+    if STATE.session is not None:
+        return  # inside an extended model's forward: the calls are recorded
     node, src, shape, steps = t.grad_fn, None, tuple(t.shape), []
     while node is not None and len(node.next_functions) == 1:
         step = _view_step(node, shape, any(s[0] is unmerge for s in steps))
@@ -103,6 +108,8 @@ def _view_step(node: Any, shape: tuple, merged: bool) -> tuple | None:
     if indexing is not None:
         kind, dim, where, sizes = indexing
         return (_placed, kind, dim, where, sizes) if dim % len(sizes) != 0 else None
+    if type(node).__name__ in _COPY_NODES:
+        return (None, shape)
     if type(node).__name__ not in _VIEW_NODES:
         return None
     sizes = _tp.saved_self_sizes(node)
