@@ -114,13 +114,16 @@ def cnn() -> Zoo:
 
 
 def resnet18() -> Zoo:
-    model = import_torchvision().models.resnet18(num_classes=10)
-    return Zoo(model, *_images(3, 32, 10))
+    """ResNet-18's blocks, one per stage (torchvision's ResNet class; its widths are fixed)."""
+    models = import_torchvision().models
+    model = models.resnet.ResNet(models.resnet.BasicBlock, [1, 1, 1, 1], num_classes=10)
+    return Zoo(model, *_images(3, 16, 10))
 
 
 def mobilenet_v3_small() -> Zoo:
-    model = import_torchvision().models.mobilenet_v3_small(num_classes=10)
-    return Zoo(model, *_images(3, 32, 10))
+    """MobileNetV3-small at a quarter of its widths (squeeze-excitation, in-place Hardswish)."""
+    model = import_torchvision().models.mobilenet_v3_small(num_classes=10, width_mult=0.25)
+    return Zoo(model, *_images(3, 16, 10))
 
 
 def tv_vit() -> Zoo:
