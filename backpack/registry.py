@@ -14,6 +14,8 @@ from typing import Any
 from torch.nn import Module
 
 _RULES: dict[type, Any] = {}  # module type -> rule instance (a ``backpack.Rule``)
+# "module.QualName" -> rule instance: layers of libraries backpack does not import
+_RULES_BY_NAME: dict[str, Any] = {}
 _FALLBACK: list[Callable[[Module], Any]] = [lambda module: None]
 
 
@@ -37,6 +39,25 @@ def register(*module_types: type) -> Callable[[type], type]:
     return deco
 
 
+def register_by_name(*qualified_names: str) -> Callable[[type], type]:
+    """Class decorator: use this rule for the module types named ``"package.module.Class"``
+    (layers of other libraries, which backpack does not import).
+
+    Args:
+        *qualified_names: ``f"{cls.__module__}.{cls.__qualname__}"`` of each module class.
+
+    Returns:
+        The decorator, which returns the rule class unchanged.
+    """
+
+    def deco(cls: type) -> type:
+        for name in qualified_names:
+            _RULES_BY_NAME[name] = cls()
+        return cls
+
+    return deco
+
+
 def rule_for(module: Module) -> Any:
     """The rule registered for ``type(module)`` (exact type match); else the fallback rule
     (``backpack.derivatives.automatic``: a ``torch.func`` rule for losses, leaves and modules
@@ -45,7 +66,12 @@ def rule_for(module: Module) -> Any:
     Returns:
         The rule (a ``backpack.Rule``), or None for a container.
     """
-    rule = _RULES.get(type(module))
+    kind = type(module)
+    rule = _RULES.get(kind)
+    if rule is None and _RULES_BY_NAME:
+        rule = _RULES_BY_NAME.get(f"{kind.__module__}.{kind.__qualname__}")
+        if rule is not None:
+            _RULES[kind] = rule
     return _FALLBACK[0](module) if rule is None else rule
 
 
