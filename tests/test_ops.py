@@ -422,3 +422,29 @@ def test_records_of_calls_live_as_long_as_the_graph():
         model(x)
     torch.tanh(x).sum()  # outside the model's forward: not recorded
     assert _ops_alive() == before
+
+
+class FinalState(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn, self.head = nn.GRU(3, 4, batch_first=True), nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out, h = self.rnn(x)
+        return self.head(torch.cat([out[:, -1], h[0]], 1))
+
+
+def test_second_output_of_a_module_raises_for_second_order():
+    """The rules pass second-order quantities for a module's first output only: a GRU's final
+    state feeding the loss raises (never a wrong number); first order is exact."""
+    model = FinalState().to(DTYPE)
+    x, y = torch.randn(4, 5, 3, dtype=DTYPE), torch.randint(0, 3, (4,))
+    want = per_sample_grads(model, nn.CrossEntropyLoss(), x, y)
+    model, lossfunc = extend(model), extend(nn.CrossEntropyLoss())
+    with backpack(BatchGrad()):
+        lossfunc(model(x), y).backward()
+    for key, p in model.named_parameters():
+        torch.testing.assert_close(p.grad_batch, want[key])
+    with pytest.raises(NotImplementedError, match=r"DiagGGNExact: output 1 of GRU"):
+        with backpack(DiagGGNExact()):
+            lossfunc(model(x), y).backward()

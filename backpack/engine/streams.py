@@ -168,6 +168,21 @@ def _missing(call: Call, exts: list[Extension]) -> RuntimeError:
     )
 
 
+def _only_first_output(call: Call, stream: Any, flowing: dict, exts: list) -> None:
+    """Raise where second-order quantities reach another output of a module with several
+    (an RNN's final states): the rules pass the first output's only."""
+    node, nr = call.out_key
+    others = [k[2] for k in flowing if k[0] == stream and k[1] is node and k[2] != nr]
+    if others:
+        names = ", ".join(type(e).__name__ for e in exts)
+        raise NotImplementedError(
+            f"{names}: output {others[0]} of {call.module} (one of its {len(call.grads)} "
+            "outputs) feeds the loss; second-order quantities pass the first output of a "
+            "module with several only. Use its first output downstream (an RNN's sequence "
+            "output holds the last step's hidden state), or a first-order extension."
+        )
+
+
 def _loss_scale(call: Call) -> float:
     """Factor the loss output was multiplied by after the loss module (1 if untouched)."""
     g = call.grads[0]
@@ -213,6 +228,8 @@ def run_streams(
             new = [stream.start(call, _loss_scale(call), lean)]
         else:
             value = flowing.pop((stream, *call.out_key), None)
+            if len(call.grads) > 1:
+                _only_first_output(call, stream, flowing, group)
             if value is None and call.rule.after_losses_ok:
                 continue  # a call on the losses' outputs (their sum): the losses start streams
             if value is None:
