@@ -404,14 +404,18 @@ def measure(
         except Exception as err:  # noqa: BLE001 (report any failure as n/a, keep going)
             failed[name] = err
             release(model)
-    names = [name for name in runs if name not in failed]
     for rep in range(reps):
-        shift = rep % len(names)
+        names = [name for name in runs if name not in failed]
+        shift = rep % max(1, len(names))
         for name in names[shift:] + names[:shift]:
             run, model = runs[name]
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
+            try:
+                start = time.perf_counter()
+                run()
+                times[name].append(time.perf_counter() - start)
+            except Exception as err:  # noqa: BLE001 (out of memory after the warm-up: n/a)
+                failed[name] = err
+                times[name] = []
             release(model)
     result = {name: statistics.median(t) for name, t in times.items() if t}
     return {name: result.get(name, failed.get(name)) for name in steps}
@@ -483,7 +487,8 @@ def main() -> None:
     rows = list(next(iter(results.values())))
     notes: list[str] = []
     width = max(map(len, rows)) + 2
-    print("".join([f"{'variant':<{width}}", *(f"{p:>14}" for p in problems)]))
+    cols = [max(14, len(p) + 2) for p in problems]
+    print("".join([f"{'variant':<{width}}", *(f"{p:>{c}}" for p, c in zip(problems, cols))]))
     for row in rows:
         cells = []
         for problem in problems:
@@ -500,7 +505,7 @@ def main() -> None:
                 cells.append(f"{1e3 * value:.1f} ms")
             else:
                 cells.append(f"{value / plain:.2f}x")
-        print("".join([f"{row:<{width}}", *(f"{c:>14}" for c in cells)]))
+        print("".join([f"{row:<{width}}", *(f"{t:>{c}}" for t, c in zip(cells, cols))]))
     for note in notes:
         print(note)
     for problem in problems:
