@@ -1,24 +1,32 @@
 """Time of each extension as a ratio to a plain forward+backward pass on the same problem.
 
-Every variant (plain, extended but idle, one extension each, torch.func per-sample gradients)
-runs once per repetition in a rotating order, interleaved in one process, after a warm-up; the
-table shows medians. A variant that fails prints ``n/a`` with a footnote giving the error.
+Every variant (plain, extended but idle, one extension each, torch.func per-sample gradients,
+Opacus per-sample gradients) runs on its own copy of the model, once per repetition in a rotating
+order, interleaved in one process, after a warm-up; the table shows medians. A variant that fails
+(or whose warm-up passes ``--cap`` seconds) prints ``n/a`` with a footnote giving the reason.
 
-    python benchmarks/benchmark.py [--reps 20] [--extensions BatchGrad,Variance | all]
+    python benchmarks/benchmark.py [--reps 20] [--warmup 2] [--extensions BatchGrad,Variance | all]
         [--problems mlp,mlp-sigmoid,3c3d-64,3c3d-128,3c3d-sigmoid-128,resnet,vit,gpt,
-                    autoencoder]
-        [--threads 2]
+                    autoencoder,resnet18-tv,vit-tiny-timm-32,gpt2-small-hf,gpt2-2l-hf]
+        [--threads 2] [--cap SECONDS] [--max-memory-gb GB] [--profile VARIANT [--top 25]]
+
+The rows ending in -tv, -timm, -hf are library models (torchvision, timm, Hugging Face
+transformers, random weights, no download) extended as they are with ``extend(model)``.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import re
+import resource
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -63,6 +71,8 @@ EXTENSIONS: dict[str, Callable] = {
     "SqrtGGNMC": SqrtGGNMC,
 }
 DEFAULT = ["BatchGrad", "BatchL2Grad", "SumGradSquared", "Variance"]
+# every attribute the variants leave on parameters (freed after each timed run)
+FIELDS = {e().savefield for e in EXTENSIONS.values()} | {"grad_sample"}
 
 
 def mlp() -> nn.Module:
@@ -149,6 +159,75 @@ def autoencoder() -> nn.Module:
     )  # fmt: skip
 
 
+_TORCHVISION_LIB: list = []  # keeps the placeholder operator definitions alive
+
+
+def import_torchvision() -> Any:
+    """Import torchvision beside a CPU-only torch whose torchvision C extension does not load
+    ('operator torchvision::nms does not exist'): define each missing operator as a placeholder
+    (never called by the classification models, which are pure Python) and retry. timm and
+    transformers import torchvision too, so every library-model row calls this first.
+    (A copy of tests/zoo.py's ``import_torchvision`` from another branch: dedupe at merge.)"""
+    if not _TORCHVISION_LIB:
+        _TORCHVISION_LIB.append(torch.library.Library("torchvision", "FRAGMENT"))
+    for _ in range(100):
+        try:
+            import torchvision
+
+            return torchvision
+        except RuntimeError as err:
+            missing = re.search(r"operator torchvision::(\w+) does not exist", str(err))
+            if missing is None:
+                raise
+            _TORCHVISION_LIB[0].define(f"{missing.group(1)}(Tensor x) -> Tensor")
+            for name in [k for k in sys.modules if k.startswith("torchvision")]:
+                del sys.modules[name]
+    raise RuntimeError("torchvision: too many missing operators")
+
+
+def resnet18_tv() -> nn.Module:
+    """torchvision's ResNet-18 (ImageNet stem) with 10 classes, eval mode (BatchNorm uses its
+    running statistics: per-sample quantities need samples that do not interact)."""
+    import_torchvision()
+    from torchvision.models import resnet18
+
+    return resnet18(num_classes=10).eval()
+
+
+def vit_tiny_timm() -> nn.Module:
+    """timm's ``vit_tiny_patch16_224`` architecture (12 layers, E=192, 3 heads) on 32x32 images
+    in 4x4 patches (64 tokens + class token), 10 classes. timm's ``LayerNorm`` subclass
+    (``F.layer_norm``, as ``nn.LayerNorm``) is registered to backpack's LayerNorm rule."""
+    import_torchvision()
+    import timm
+    from timm.layers import LayerNorm
+
+    from backpack import register
+    from backpack.derivatives.normalization import LayerNormRule
+
+    register(LayerNorm)(LayerNormRule)
+    return timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=32, patch_size=4
+    ).eval()
+
+
+GPT2_VOCAB = 50257
+
+
+def gpt2_hf(layers: int = 12) -> Callable[[], nn.Module]:
+    """Hugging Face ``GPT2LMHeadModel`` with ``GPT2Config()`` defaults (E=768, 12 heads, vocab
+    50257, ``lm_head`` tied to ``wte``) but ``layers`` blocks, eager attention, eval mode."""
+
+    def make() -> nn.Module:
+        import_torchvision()
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        config = GPT2Config(n_layer=layers, use_cache=False, attn_implementation="eager")
+        return GPT2LMHeadModel(config).eval()
+
+    return make
+
+
 Data = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -183,6 +262,10 @@ PROBLEMS: dict[str, tuple[Callable[[], nn.Module], Data, int]] = {
     "vit": (vit, images(3, 32, 32), 32),
     "gpt": (gpt, tokens(32, 64), 32),
     "autoencoder": (autoencoder, reconstruction(1, 28, 28), 32),
+    "resnet18-tv": (resnet18_tv, images(3, 32, 32), 64),
+    "vit-tiny-timm-32": (vit_tiny_timm, images(3, 32, 32), 32),
+    "gpt2-small-hf": (gpt2_hf(12), tokens(128, GPT2_VOCAB), 8),
+    "gpt2-2l-hf": (gpt2_hf(2), tokens(128, GPT2_VOCAB), 8),
 }
 # problems extended with extend(..., use_converter=True)
 CONVERTED = {"resnet", "vit", "gpt"}
@@ -190,62 +273,176 @@ CONVERTED = {"resnet", "vit", "gpt"}
 LOSSES: dict[str, Callable[[], nn.Module]] = {"autoencoder": nn.MSELoss}
 
 
-def variants(problem: str, extensions: list[str]) -> dict[str, Callable[[], None]]:
-    """name -> one zero-grad + forward + backward step of that variant on ``problem``."""
+def lm_logits(out: Any, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Hugging Face causal LM's output -> next-token loss inputs ``[n L, V]``, ``[n L]``."""
+    return out.logits.view(-1, out.logits.shape[-1]), y.reshape(-1)
+
+
+# model output, target -> the loss's inputs (default: as they are)
+HEADS: dict[str, Callable[[Any, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = {
+    "gpt2-small-hf": lm_logits,
+    "gpt2-2l-hf": lm_logits,
+}
+# problems whose modules without a rule take the automatic (torch.func) rule: strict=False
+AUTOMATIC = {"gpt2-small-hf", "gpt2-2l-hf"}
+# (problem, variant) -> why it is not run
+SKIP: dict[tuple[str, str], str] = {
+    (p, e): "exact GGN: V = 50257 backpropagated columns per token, [50257, n, L, 768] and "
+    "larger per layer (~1.6 TB at the last block), does not fit"
+    for p in ("gpt2-small-hf", "gpt2-2l-hf")
+    for e in ("DiagGGNExact", "BatchDiagGGNExact", "SqrtGGNExact", "KFLR")
+}
+# footnotes printed under the table when the problem is in it
+NOTES = {
+    "resnet18-tv": "resnet18-tv: torchvision resnet18(num_classes=10), 3x32x32, batch 64, "
+    "eval mode (BatchNorm with running statistics).",
+    "vit-tiny-timm-32": "vit-tiny-timm-32: timm vit_tiny_patch16_224 architecture at "
+    "img_size=32, patch_size=4 (65 tokens; 224x224 takes ~11 s per plain step here), batch 32; "
+    "timm's LayerNorm subclass registered to backpack's LayerNorm rule.",
+    "gpt2-small-hf": "gpt2-small-hf: GPT2LMHeadModel(GPT2Config()) (12 layers, E=768, vocab "
+    "50257, tied lm_head), eager attention, batch 8 x 128 tokens, next-token CrossEntropy on "
+    "logits.view(-1, V); HF Conv1D has no backpack rule: automatic rule (strict=False).",
+    "gpt2-2l-hf": "gpt2-2l-hf: as gpt2-small-hf with 2 layers (n_layer=2). GPT-2 DiagGGNMC/KFAC: "
+    "the loss's view [n, L, V] -> [n L, V] gives each token its own columns (MergeRule), "
+    "[L, n, L, V] = 26 GB dense at the lm_head.",
+}
+
+
+def _fresh(model: nn.Module, build: Callable[[nn.Module], Any]) -> Any:
+    """``build`` on a copy of ``model`` (same weights), or the exception it raised."""
+    try:
+        return build(copy.deepcopy(model))
+    except Exception as err:  # noqa: BLE001 (report any failure as n/a, keep going)
+        return err
+
+
+def release(model: nn.Module) -> None:
+    """Free what a step left on ``model``'s parameters (gradients, extension fields)."""
+    for p in model.parameters():
+        p.grad = None
+        for field in FIELDS & set(vars(p)):
+            delattr(p, field)
+
+
+Variant = tuple[Callable[[], None], nn.Module]  # (one step, the model it leaves results on)
+
+
+def variants(problem: str, extensions: list[str]) -> dict[str, Variant | Exception]:
+    """name -> (one zero-grad + forward + backward step of that variant on ``problem``, its
+    model), or the exception its set-up raised."""
     make, data, n = PROBLEMS[problem]
     torch.manual_seed(0)
     loss_type = LOSSES.get(problem, nn.CrossEntropyLoss)
+    head = HEADS.get(problem, lambda out, y: (out, y))
+    strict = problem not in AUTOMATIC
     model, lossfunc = make(), loss_type()
     x, y = data(n)
-    # same weights; `model` itself stays unhooked
-    ext_model = extend(copy.deepcopy(model), use_converter=problem in CONVERTED)
     ext_loss = extend(loss_type())
 
-    def step(net: nn.Module, loss: nn.Module, *exts: Callable) -> Callable[[], None]:
+    def step(net: nn.Module, loss: nn.Module, *exts: Callable) -> Variant:
         def run() -> None:
             net.zero_grad(set_to_none=True)
-            value = loss(net(x), y)
+            value = loss(*head(net(x), y))
             if exts:
-                with backpack(*(e() for e in exts), strict=True):  # a missing rule raises
+                # strict: a missing rule raises (else the automatic rule, with a warning)
+                with backpack(*(e() for e in exts), strict=strict):
                     value.backward()
             else:
                 value.backward()
 
-        return run
+        return run, net
 
-    params = {k: p.detach() for k, p in model.named_parameters()}
+    def extended(*exts: Callable) -> Variant | Exception:
+        return _fresh(
+            model,
+            lambda net: step(extend(net, use_converter=problem in CONVERTED), ext_loss, *exts),
+        )
 
-    def sample_loss(p: dict, xn: torch.Tensor, yn: torch.Tensor) -> torch.Tensor:
-        return lossfunc(functional_call(model, p, (xn.unsqueeze(0),)), yn.unsqueeze(0))
+    def per_sample(net: nn.Module) -> Variant:
+        params = {k: p.detach() for k, p in net.named_parameters()}
 
-    per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))
-    return {
+        def sample_loss(p: dict, xn: torch.Tensor, yn: torch.Tensor) -> torch.Tensor:
+            return lossfunc(*head(functional_call(net, p, (xn.unsqueeze(0),)), yn.unsqueeze(0)))
+
+        grads = vmap(grad(sample_loss), in_dims=(None, 0, 0))
+        return (lambda: grads(params, x, y)), net
+
+    def opacus(net: nn.Module) -> Variant:
+        from opacus import GradSampleModule
+
+        return step(GradSampleModule(net), lossfunc)
+
+    result: dict[str, Variant | Exception] = {
         "plain": step(model, lossfunc),
-        "extended, idle": step(ext_model, ext_loss),
-        **{name: step(ext_model, ext_loss, EXTENSIONS[name]) for name in extensions},
-        "vmap(grad)": lambda: per_sample(params, x, y),
+        "extended, idle": extended(),
     }
+    for name in extensions:
+        reason = SKIP.get((problem, name))
+        result[name] = MemoryError(reason) if reason else extended(EXTENSIONS[name])
+    result["vmap(grad)"] = _fresh(model, per_sample)
+    result["opacus"] = _fresh(model, opacus)
+    return result
 
 
-def measure(steps: dict[str, Callable[[], None]], reps: int, warmup: int = 2):
-    """Median seconds per variant, or the exception it raised (then it is not timed again)."""
+def measure(
+    steps: dict[str, Variant | Exception], reps: int, warmup: int = 2, cap: float | None = None
+) -> dict[str, float | Exception]:
+    """Median seconds per variant, or the exception it raised (then it is not timed again).
+    A variant whose warm-up step takes over ``cap`` seconds is not timed either."""
     times: dict[str, list[float]] = {name: [] for name in steps}
-    failed: dict[str, Exception] = {}
-    for name, run in steps.items():
+    failed = {name: v for name, v in steps.items() if isinstance(v, Exception)}
+    runs = {name: v for name, v in steps.items() if not isinstance(v, Exception)}
+    for name, (run, model) in runs.items():
         try:
             for _ in range(warmup):
+                start = time.perf_counter()
                 run()
+                seconds = time.perf_counter() - start
+                release(model)
+                if cap is not None and seconds > cap:
+                    raise TimeoutError(f"one step took {seconds:.0f} s, over --cap {cap:g} s")
         except Exception as err:  # noqa: BLE001 (report any failure as n/a, keep going)
             failed[name] = err
-    names = [name for name in steps if name not in failed]
+            release(model)
     for rep in range(reps):
-        shift = rep % len(names)
+        names = [name for name in runs if name not in failed]
+        shift = rep % max(1, len(names))
         for name in names[shift:] + names[:shift]:
-            start = time.perf_counter()
-            steps[name]()
-            times[name].append(time.perf_counter() - start)
+            run, model = runs[name]
+            try:
+                start = time.perf_counter()
+                run()
+                times[name].append(time.perf_counter() - start)
+            except Exception as err:  # noqa: BLE001 (out of memory after the warm-up: n/a)
+                failed[name] = err
+                times[name] = []
+            release(model)
     result = {name: statistics.median(t) for name, t in times.items() if t}
-    return {**result, **failed}
+    return {name: result.get(name, failed.get(name)) for name in steps}
+
+
+def profile(problem: str, name: str, top: int) -> None:
+    """cProfile one step of variant ``name`` on ``problem`` after two warm-up steps (the third
+    backward pass skips the gradient-path check of passes 1, 2, 4, 8, ...): the ``top``
+    functions by own time, then backpack's functions by cumulative time."""
+    import cProfile
+    import pstats
+
+    built = variants(problem, [name] if name in EXTENSIONS else [])
+    if name not in built:
+        raise SystemExit(f"unknown variant {name!r}: one of {', '.join(built)}")
+    if isinstance(built[name], Exception):
+        raise built[name]
+    run, model = built[name]
+    for _ in range(2):
+        run()
+        release(model)
+    profiler = cProfile.Profile()
+    profiler.runcall(run)
+    print(f"=== {problem} / {name}: one step")
+    stats = pstats.Stats(profiler).sort_stats("tottime")
+    stats.print_stats(top)
+    stats.sort_stats("cumulative").print_stats("backpack/", top)
 
 
 def main() -> None:
@@ -254,18 +451,34 @@ def main() -> None:
     parser.add_argument("--problems", default="mlp,3c3d-64,3c3d-128", help="comma-separated")
     parser.add_argument("--extensions", default=",".join(DEFAULT), help="comma-separated, or all")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
+    parser.add_argument("--cap", type=float, help="seconds: a slower warm-up step is n/a")
+    parser.add_argument(
+        "--max-memory-gb", type=float, help="address-space limit: larger allocations fail (n/a)"
+    )
+    parser.add_argument("--profile", metavar="VARIANT", help="cProfile one step of it instead")
+    parser.add_argument("--top", type=int, default=25, help="functions --profile prints")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.max_memory_gb:
+        limit = int(args.max_memory_gb * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    warnings.filterwarnings("ignore", message=".*automatic rule.*")  # AUTOMATIC's footnote
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")  # opacus
     problems = args.problems.split(",")
     extensions = list(EXTENSIONS) if args.extensions == "all" else args.extensions.split(",")
     for name in problems + extensions:
         if name not in PROBLEMS and name not in EXTENSIONS:
             parser.error(f"unknown problem or extension {name!r}")
 
+    if args.profile:
+        for problem in problems:
+            profile(problem, args.profile, args.top)
+        return
     results = {}
     for problem in problems:
-        results[problem] = measure(variants(problem, extensions), args.reps)
+        results[problem] = measure(variants(problem, extensions), args.reps, args.warmup, args.cap)
 
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
@@ -274,7 +487,8 @@ def main() -> None:
     rows = list(next(iter(results.values())))
     notes: list[str] = []
     width = max(map(len, rows)) + 2
-    print("".join([f"{'variant':<{width}}", *(f"{p:>14}" for p in problems)]))
+    cols = [max(14, len(p) + 2) for p in problems]
+    print("".join([f"{'variant':<{width}}", *(f"{p:>{c}}" for p, c in zip(problems, cols))]))
     for row in rows:
         cells = []
         for problem in problems:
@@ -282,7 +496,7 @@ def main() -> None:
             if isinstance(value, Exception):
                 notes.append(
                     f"[{len(notes) + 1}] {problem} / {row}: "
-                    f"{type(value).__name__}: {str(value).splitlines()[0][:200]}"
+                    f"{type(value).__name__}: {(str(value).splitlines() or [''])[0][:200]}"
                 )
                 cells.append(f"n/a [{len(notes)}]")
             elif row == "plain":
@@ -291,9 +505,12 @@ def main() -> None:
                 cells.append(f"{1e3 * value:.1f} ms")
             else:
                 cells.append(f"{value / plain:.2f}x")
-        print("".join([f"{row:<{width}}", *(f"{c:>14}" for c in cells)]))
+        print("".join([f"{row:<{width}}", *(f"{t:>{c}}" for t, c in zip(cells, cols))]))
     for note in notes:
         print(note)
+    for problem in problems:
+        if problem in NOTES:
+            print(NOTES[problem])
 
 
 if __name__ == "__main__":
