@@ -25,6 +25,7 @@ from backpack.extensions import (
     DiagGGNMC,
     DiagHessian,
     SqrtGGNExact,
+    SqrtGGNMC,
     SumGradSquared,
     Variance,
 )
@@ -448,3 +449,28 @@ def test_second_output_of_a_module_raises_for_second_order():
     with pytest.raises(NotImplementedError, match=r"DiagGGNExact: output 1 of GRU"):
         with backpack(DiagGGNExact()):
             lossfunc(model(x), y).backward()
+
+
+@pytest.mark.parametrize("flat", [True, False], ids=["view-in-model", "view-before-loss"])
+def test_language_model_monte_carlo_sums_the_tokens_draws(flat: bool):
+    """Monte-Carlo columns through ``logits.view(-1, V)``: one column per sample (the tokens'
+    independent draws summed, unbiased), not one per token; the mean over many draws
+    converges to the exact GGN diagonal."""
+    torch.manual_seed(0)
+    n, t, v = 2, 3, 4
+    model = LanguageModel(flat, v=v).to(DTYPE)
+    x, y = torch.randint(0, v, (n, t)), torch.randint(0, v, (n * t,))
+    model, lossfunc = extend(model), extend(nn.CrossEntropyLoss())
+
+    def run(ext):
+        out = model(x)
+        with backpack(ext):
+            lossfunc(out if flat else out.view(-1, v), y).backward()
+
+    run(DiagGGNExact())
+    run(SqrtGGNMC(mc_samples=2))
+    assert model.head.weight.sqrt_ggn_mc.shape == (2, n, v, 4)
+    run(DiagGGNMC(mc_samples=20000))
+    for key, p in model.named_parameters():
+        scale = p.diag_ggn_exact.abs().max()
+        torch.testing.assert_close(p.diag_ggn_mc, p.diag_ggn_exact, atol=0.05 * scale, rtol=0.1)

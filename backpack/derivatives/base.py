@@ -161,6 +161,16 @@ class Rule:
 
     jac_t_mat_prod_: Any = None  # optional: jac_t_mat_prod computed in the memory of ``mat``
 
+    def jac_t_sampled(self, module: Module, io: IO, mat: Tensor) -> Tensor | None:
+        """``J^T`` of Monte-Carlo columns (independent, zero mean) where a cheaper map keeps
+        their expected outer product (``MergeRule``: the tokens' draws of a sample summed);
+        None: ``jac_t_mat_prod``.
+
+        Returns:
+            ``[v', n, *in]``, or None.
+        """
+        return None
+
     def jac_mat_prod(self, module: Module, io: IO, mat: Tensor) -> Tensor:
         """``J mat``: ``[v, n, *in] -> [v, n, *out]``."""
         raise NotImplementedError(f"{type(self).__name__} has no jac_mat_prod")

@@ -239,6 +239,12 @@ class MergeRule(OpRule):
     def jac_t_mat_prod(self, module: Module, io: IO, mat: Tensor) -> Tensor:
         return unmerge(mat, module.k, io.inputs[0].shape)
 
+    def jac_t_sampled(self, module: Module, io: IO, mat: Tensor) -> Tensor:
+        """Sampled columns (independent, zero mean across rows): the plain reshape sums the
+        rows' draws of each sample, whose outer product has the same expectation (the cross
+        terms vanish), ``k`` times fewer columns than ``unmerge``."""
+        return mat.reshape(mat.shape[0], *io.inputs[0].shape)
+
 
 def unmerge(mat: Tensor, k: int, in_shape: tuple) -> Tensor:
     """``[v, N * k, *rest] -> [v * k, *in_shape]``, column ``(v, j)`` on merged row ``j``."""

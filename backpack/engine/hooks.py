@@ -21,7 +21,7 @@ from backpack._state import STATE, logger
 from backpack.custom_module.graph_utils import convert_module_to_backpack
 from backpack.derivatives.ops import merged_rows, unmerge
 from backpack.engine.driver import _on_output_grad, _run
-from backpack.engine.factors import Factor
+from backpack.engine.factors import LOSS, Factor
 from backpack.engine.ops import root_hook, root_pre_hook
 from backpack.engine.record import _Record, tie
 from backpack.engine.streams import send
@@ -133,12 +133,22 @@ def _pass_on(src: tuple, steps: list, grads: tuple) -> None:
     for key in [k for k in flowing if k[1] is node]:  # (stream, node, output index)
         value = flowing.pop(key)
         if steps:
-            value = _through(value, steps)
+            value = _through(value, steps, getattr(key[0], "mc_samples", None) is not None)
         send(flowing, key[0], (src,), [value])
 
 
-def _through(value: Any, steps: list) -> dict:
-    """Factors ``{origin: (sign, [v, *out])}`` through the view steps to the viewed tensor."""
+def _through(value: Any, steps: list, sampled: bool) -> dict:
+    """Factors ``{origin: (sign, [v, *out])}`` through the view steps to the viewed tensor.
+
+    Monte-Carlo columns (``sampled``) pass a merge by a plain reshape
+    (``MergeRule.jac_t_sampled``).
+
+    Returns:
+        The factors w.r.t. the viewed tensor.
+
+    Raises:
+        NotImplementedError: for what flows other than factors (dense blocks, products).
+    """
     if not isinstance(value, dict):
         raise NotImplementedError(
             "backpack: a view between the model and the loss that merges the batch with the "
@@ -149,7 +159,8 @@ def _through(value: Any, steps: list) -> dict:
     out = {}
     for o, (s, m) in value.items():
         for f, *args in steps:
-            m = f(m, *args)
+            sampled_merge = sampled and f is unmerge and o.kind == LOSS
+            m = m.reshape(m.shape[0], *args[-1]) if sampled_merge else f(m, *args)
         out[o] = Factor(s, m)
     return out
 

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from backpack.engine.call import Call, Extension
-from backpack.engine.factors import RESIDUAL, Factor, Origin, couple
+from backpack.engine.factors import LOSS, RESIDUAL, Factor, Origin, couple
 from backpack.engine.reuse import Pieces, start_mixed
 from backpack.engine.watch import watch_gradients
 
@@ -74,7 +74,10 @@ class Stream:
         for o, (s, m) in terms.items():
             if couples and not o.coupled:
                 o, m = couple(o, m)
-            put(o, s, _jac_t(call, m))
+            out = None
+            if self.mc_samples is not None and o.kind == LOSS:  # sampled columns
+                out = call.rule.jac_t_sampled(call.module, call.io, m)
+            put(o, s, _jac_t(call, m) if out is None else out)
         tag = call.rule.closes_tag
         if tag and all(o.tag == tag and not o.coupled for o in outs[0]):
             return [{o.untagged(): t for o, t in outs[0].items()}]  # the loss holds the residual
