@@ -196,16 +196,10 @@ def resnet18_tv() -> nn.Module:
 
 def vit_tiny_timm() -> nn.Module:
     """timm's ``vit_tiny_patch16_224`` architecture (12 layers, E=192, 3 heads) on 32x32 images
-    in 4x4 patches (64 tokens + class token), 10 classes. timm's ``LayerNorm`` subclass
-    (``F.layer_norm``, as ``nn.LayerNorm``) is registered to backpack's LayerNorm rule."""
+    in 4x4 patches (64 tokens + class token), 10 classes."""
     import_torchvision()
     import timm
-    from timm.layers import LayerNorm
 
-    from backpack import register
-    from backpack.derivatives.normalization import LayerNormRule
-
-    register(LayerNorm)(LayerNormRule)
     return timm.create_model(
         "vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=32, patch_size=4
     ).eval()
@@ -297,14 +291,11 @@ NOTES = {
     "resnet18-tv": "resnet18-tv: torchvision resnet18(num_classes=10), 3x32x32, batch 64, "
     "eval mode (BatchNorm with running statistics).",
     "vit-tiny-timm-32": "vit-tiny-timm-32: timm vit_tiny_patch16_224 architecture at "
-    "img_size=32, patch_size=4 (65 tokens; 224x224 takes ~11 s per plain step here), batch 32; "
-    "timm's LayerNorm subclass registered to backpack's LayerNorm rule.",
+    "img_size=32, patch_size=4 (65 tokens; 224x224 takes ~11 s per plain step here), batch 32.",
     "gpt2-small-hf": "gpt2-small-hf: GPT2LMHeadModel(GPT2Config()) (12 layers, E=768, vocab "
     "50257, tied lm_head), eager attention, batch 8 x 128 tokens, next-token CrossEntropy on "
-    "logits.view(-1, V); HF Conv1D has no backpack rule: automatic rule (strict=False).",
-    "gpt2-2l-hf": "gpt2-2l-hf: as gpt2-small-hf with 2 layers (n_layer=2). GPT-2 DiagGGNMC/KFAC: "
-    "the loss's view [n, L, V] -> [n L, V] gives each token its own columns (MergeRule), "
-    "[L, n, L, V] = 26 GB dense at the lm_head.",
+    "logits.view(-1, V). KFAC: the embedding tied to lm_head has no Kronecker form (raises).",
+    "gpt2-2l-hf": "gpt2-2l-hf: as gpt2-small-hf with 2 layers (n_layer=2).",
 }
 
 

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.func import grad, jacfwd, vmap
 
 from backpack.derivatives.base import IO, Request, Rule, blockwise_factors
-from backpack.registry import register
+from backpack.registry import register, register_by_name
 
 
 class _NormRule(Rule):
@@ -130,6 +130,7 @@ class _NormRule(Rule):
         return [(sign, r.reshape(r.shape[0], *x.shape)) for sign, r in factors]
 
 
+@register_by_name("timm.layers.norm.LayerNorm")  # F.layer_norm, as nn.LayerNorm
 @register(nn.LayerNorm)
 class LayerNormRule(_NormRule):
     """Groups: the trailing ``normalized_shape`` entries; ``w`` has that shape."""
