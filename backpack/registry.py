@@ -30,13 +30,7 @@ def register(*module_types: type) -> Callable[[type], type]:
     Returns:
         The decorator, which returns the rule class unchanged.
     """
-
-    def deco(cls: type) -> type:
-        for t in module_types:
-            _RULES[t] = cls()
-        return cls
-
-    return deco
+    return _filling(_RULES, module_types)
 
 
 def register_by_name(*qualified_names: str) -> Callable[[type], type]:
@@ -49,10 +43,13 @@ def register_by_name(*qualified_names: str) -> Callable[[type], type]:
     Returns:
         The decorator, which returns the rule class unchanged.
     """
+    return _filling(_RULES_BY_NAME, qualified_names)
 
+
+def _filling(table: dict, keys: tuple) -> Callable[[type], type]:
     def deco(cls: type) -> type:
-        for name in qualified_names:
-            _RULES_BY_NAME[name] = cls()
+        for key in keys:
+            table[key] = cls()
         return cls
 
     return deco

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import re
 import resource
 import statistics
 import sys
@@ -159,30 +158,12 @@ def autoencoder() -> nn.Module:
     )  # fmt: skip
 
 
-_TORCHVISION_LIB: list = []  # keeps the placeholder operator definitions alive
-
-
 def import_torchvision() -> Any:
-    """Import torchvision beside a CPU-only torch whose torchvision C extension does not load
-    ('operator torchvision::nms does not exist'): define each missing operator as a placeholder
-    (never called by the classification models, which are pure Python) and retry. timm and
-    transformers import torchvision too, so every library-model row calls this first.
-    (A copy of tests/zoo.py's ``import_torchvision`` from another branch: dedupe at merge.)"""
-    if not _TORCHVISION_LIB:
-        _TORCHVISION_LIB.append(torch.library.Library("torchvision", "FRAGMENT"))
-    for _ in range(100):
-        try:
-            import torchvision
+    """torchvision beside the CPU torch (``tests.zoo.import_torchvision``); timm and
+    transformers import it too, so every library-model row calls this first."""
+    from tests.zoo import import_torchvision as load
 
-            return torchvision
-        except RuntimeError as err:
-            missing = re.search(r"operator torchvision::(\w+) does not exist", str(err))
-            if missing is None:
-                raise
-            _TORCHVISION_LIB[0].define(f"{missing.group(1)}(Tensor x) -> Tensor")
-            for name in [k for k in sys.modules if k.startswith("torchvision")]:
-                del sys.modules[name]
-    raise RuntimeError("torchvision: too many missing operators")
+    return load()
 
 
 def resnet18_tv() -> nn.Module:

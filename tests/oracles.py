@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import gc
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from backpack import disable
+from backpack.engine.record import _Record
 
 
 def loss_scale(lossfunc: nn.Module, out: Tensor, y: Tensor) -> float:
@@ -199,3 +203,25 @@ def assert_kfra_exact_at_batch_one(params: dict, n: int) -> None:
             else:
                 torch.testing.assert_close(kfra, kfra.T, msg=key)
                 assert torch.linalg.eigvalsh(kfra).min() >= -1e-10 * kfra.abs().max(), key
+
+
+def live_records() -> list[_Record]:
+    """The forward records not yet released (after a garbage collection)."""
+    gc.collect()
+    return [o for o in gc.get_objects() if isinstance(o, _Record) and o.io is not None]
+
+
+def assert_memory_flat(step: Callable[[int], None], steps: int) -> None:
+    """Two like windows of ``steps`` calls ``step(i)``: the live tensors after the second are
+    no more than after the first (a leak grows in each, a one-off allocation only in the
+    first), and no forward record is left."""
+
+    def tensors_after_window() -> int:
+        for i in range(steps):
+            step(i)
+        gc.collect()
+        return sum(isinstance(o, Tensor) for o in gc.get_objects())
+
+    first = tensors_after_window()
+    assert tensors_after_window() <= first
+    assert not live_records()

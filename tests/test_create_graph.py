@@ -28,8 +28,8 @@ from backpack.extensions import (
 )
 from backpack.utils import workspace
 from tests.cases import LAYER_CASES, Problem
-from tests.oracles import FIRST_ORDER, per_sample_grads_graph
-from tests.test_engine import Unknown, _live_records, _mlp
+from tests.oracles import FIRST_ORDER, live_records, per_sample_grads_graph
+from tests.test_engine import Unknown, _mlp
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
 
@@ -171,7 +171,7 @@ def test_detached_rules_raise(layer):
     # autograd's C++ nodes): memory_cleanup frees the records in it
     for m in (*model.modules(), lossfunc):
         memory_cleanup(m)
-    assert not _live_records()
+    assert not live_records()
 
 
 def test_no_leak_under_create_graph():
@@ -193,9 +193,9 @@ def test_no_leak_under_create_graph():
     for _ in range(5):
         step()
     gc.collect()
-    before = sum(isinstance(o, torch.Tensor) for o in gc.get_objects()), len(_live_records())
+    before = sum(isinstance(o, torch.Tensor) for o in gc.get_objects()), len(live_records())
     for _ in range(50):
         step()
     gc.collect()
-    after = sum(isinstance(o, torch.Tensor) for o in gc.get_objects()), len(_live_records())
+    after = sum(isinstance(o, torch.Tensor) for o in gc.get_objects()), len(live_records())
     assert after <= before

@@ -157,4 +157,3 @@ def test_sync_without_process_group_raises():
     assert not dist.is_initialized()
     with pytest.raises(RuntimeError, match="init_process_group"):
         backpack(DiagGGNExact(), sync=True)
-

@@ -11,9 +11,8 @@ import torch
 from torch import nn
 
 from backpack import backpack, disable, extend
-from backpack.engine.record import _Record
 from backpack.extensions import BatchGrad, BatchL2Grad, SumGradSquared, Variance
-from tests.oracles import per_sample_grads
+from tests.oracles import live_records, per_sample_grads
 
 
 def _mlp(inplace: bool = False) -> nn.Module:
@@ -24,11 +23,6 @@ def _mlp(inplace: bool = False) -> nn.Module:
 def _data(n: int = 3):
     torch.manual_seed(1)
     return torch.randn(n, 4, dtype=torch.float64), torch.randint(0, 3, (n,))
-
-
-def _live_records() -> list[_Record]:
-    gc.collect()
-    return [o for o in gc.get_objects() if isinstance(o, _Record) and o.io is not None]
 
 
 class Residual(nn.Module):
@@ -111,7 +105,7 @@ def test_retain_graph_keeps_records_for_another_backward():
     with backpack(BatchL2Grad()):
         loss.backward()
     torch.testing.assert_close(model[0].weight.batch_l2, first.flatten(1).square().sum(1))
-    assert not _live_records()
+    assert not live_records()
 
 
 def test_second_backward_without_retain_graph_says_what_to_do():
@@ -131,7 +125,7 @@ def test_disable_stores_nothing_and_warns_that_nothing_was_computed():
         assert not disable.should_store_io()
         loss = lossfunc(model(x), y)
     assert disable.should_store_io()
-    assert not _live_records()
+    assert not live_records()
     with pytest.warns(UserWarning, match="computed nothing"):
         with backpack(BatchGrad()):
             loss.backward()
@@ -150,16 +144,16 @@ def test_records_freed_after_backward_and_never_leak_without_backward():
     model, lossfunc = extend(_mlp()), extend(nn.CrossEntropyLoss())
     x, y = _data()
     loss = lossfunc(model(x), y)
-    assert len(_live_records()) == 4  # Linear, ReLU, Linear, loss
+    assert len(live_records()) == 4  # Linear, ReLU, Linear, loss
     with backpack(BatchGrad()):
         loss.backward()
-    assert not _live_records()
+    assert not live_records()
     out = model(x)  # a forward that is never differentiated
-    assert len(_live_records()) == 3
+    assert len(live_records()) == 3
     del out
-    assert not _live_records()
+    assert not live_records()
     lossfunc(model(x), y).backward()  # plain backward frees them too
-    assert not _live_records()
+    assert not live_records()
 
 
 def _rss_mb() -> float:
@@ -194,7 +188,7 @@ def test_memory_flat_over_200_iterations():
     tensors_after = sum(isinstance(o, torch.Tensor) for o in gc.get_objects())
     assert tensors_after <= tensors_before
     assert _rss_mb() - rss_before < 20
-    assert not _live_records()
+    assert not live_records()
 
 
 def test_extend_is_idempotent_and_skips_containers():

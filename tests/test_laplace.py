@@ -45,9 +45,7 @@ def _problem(likelihood: str):
 
 def _fit(backend, likelihood: str, structure: str, **kwargs):
     model, loader, x = _problem(likelihood)
-    la = laplace.Laplace(
-        model, likelihood, hessian_structure=structure, backend=backend, **kwargs
-    )
+    la = laplace.Laplace(model, likelihood, hessian_structure=structure, backend=backend, **kwargs)
     la.fit(loader)
     return la, x
 

@@ -89,7 +89,10 @@ class _Multiply(nn.Module):
 
 
 def test_converter_is_top_level_and_maps_multiply():
-    assert backpack.convert_module_to_backpack is backpack.custom_module.graph_utils.convert_module_to_backpack  # noqa: E501
+    assert (
+        backpack.convert_module_to_backpack
+        is backpack.custom_module.graph_utils.convert_module_to_backpack
+    )
     torch.manual_seed(0)
     model, (x, y) = _Multiply().double(), _data()
     converted = backpack.convert_module_to_backpack(model)
@@ -108,7 +111,9 @@ def test_converter_is_top_level_and_maps_multiply():
 def test_subsample(dim):
     t = torch.arange(12.0).reshape(3, 4)
     assert subsample(t, dim) is t
-    torch.testing.assert_close(subsample(t, dim, [2, 0, 2]), t.index_select(dim, torch.tensor([2, 0, 2])))
+    torch.testing.assert_close(
+        subsample(t, dim, [2, 0, 2]), t.index_select(dim, torch.tensor([2, 0, 2]))
+    )
 
 
 def _mlp():
@@ -203,4 +208,6 @@ def test_autograd_diag_ggn_exact():
     ref = torch.cat([d.flatten() for d in ggn_diag(model, lossfunc, x, y).values()])
     torch.testing.assert_close(examples.autograd_diag_ggn_exact(x, y, model, lossfunc), ref)
     idx = [0, 7, len(ref) - 1]
-    torch.testing.assert_close(examples.autograd_diag_ggn_exact(x, y, model, lossfunc, idx), ref[idx])
+    torch.testing.assert_close(
+        examples.autograd_diag_ggn_exact(x, y, model, lossfunc, idx), ref[idx]
+    )

@@ -4,7 +4,6 @@ all calls (per-sample gradients ``sum_c J_c^T g_c``, curvature of ``sum_c J_c``)
 from __future__ import annotations
 
 import copy
-import gc
 import io
 
 import pytest
@@ -15,7 +14,6 @@ from torch.func import functional_call
 from backpack import backpack, extend
 from backpack.custom_module.branching import SumModule
 from backpack.custom_module.reduce_tuple import ReduceTuple
-from backpack.engine.record import _Record
 from backpack.extensions import (
     GGNMP,
     HMP,
@@ -36,7 +34,14 @@ from backpack.extensions import (
     SumGradSquared,
     Variance,
 )
-from tests.oracles import ggn_block, ggn_diag, hessian_diag, per_sample_grads
+from tests.oracles import (
+    assert_memory_flat,
+    ggn_block,
+    ggn_diag,
+    hessian_diag,
+    live_records,
+    per_sample_grads,
+)
 
 
 class Twice(nn.Module):
@@ -298,7 +303,7 @@ def test_calls_of_an_earlier_retained_graph_do_not_count():
     expected = results()
     kept = lossfunc(model(x * 2), y)  # an earlier graph kept alive, never differentiated
     loss = lossfunc(model(x), y)
-    assert all(r.shared for r in _live_records())
+    assert all(r.shared for r in live_records())
     with backpack(*(ext() for ext in exts)):
         loss.backward()
     for key, value in results().items():
@@ -308,16 +313,11 @@ def test_calls_of_an_earlier_retained_graph_do_not_count():
     del kept
 
 
-def _live_records() -> list[_Record]:
-    gc.collect()
-    return [o for o in gc.get_objects() if isinstance(o, _Record) and o.io is not None]
-
-
 def test_unshared_calls_keep_the_fast_path():
     torch.manual_seed(0)
     model = extend(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 3)).double())
     loss = nn.CrossEntropyLoss()(model(torch.randn(2, 4).double()), torch.tensor([0, 1]))
-    assert not any(r.shared for r in _live_records())
+    assert not any(r.shared for r in live_records())
     del loss
 
 
@@ -395,13 +395,4 @@ def test_memory_flat_with_reuse():
         model.zero_grad()
         _run(model, lossfunc, x, y, *(exts if i % 2 else exts[:2]))
 
-    def tensors_after_20_steps() -> int:
-        for i in range(20):
-            step(i)
-        gc.collect()
-        return sum(isinstance(o, torch.Tensor) for o in gc.get_objects())
-
-    # two like windows: a leak grows in each, a one-off allocation only in the first
-    first = tensors_after_20_steps()
-    assert tensors_after_20_steps() <= first
-    assert not _live_records()
+    assert_memory_flat(step, 20)

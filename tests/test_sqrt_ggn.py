@@ -14,8 +14,7 @@ from tests.oracles import ggn_block
 PROBLEMS = [
     p
     for p in problems(LAYER_CASES + CHAIN_CASES)
-    if (p.reduction, p.n) in {("mean", 3), ("sum", 1)}
-    and one_loss_each(p)
+    if (p.reduction, p.n) in {("mean", 3), ("sum", 1)} and one_loss_each(p)
 ]
 
 

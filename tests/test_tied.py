@@ -6,7 +6,6 @@ blocks between a use and the uses its input depends on)."""
 from __future__ import annotations
 
 import copy
-import gc
 import warnings
 
 import pytest
@@ -16,7 +15,6 @@ from torch import nn
 from backpack import backpack, extend
 from backpack.custom_module.branching import SumModule
 from backpack.custom_module.permute import Permute
-from backpack.engine.record import _Record
 from backpack.extensions import (
     GGNMP,
     HMP,
@@ -41,10 +39,12 @@ from tests.cases import LAYER_CASES  # noqa: F401  (imports cases_attention with
 from tests.cases_attention import Attend
 from tests.oracles import (
     assert_first_order,
+    assert_memory_flat,
     ggn_block,
     ggn_diag,
     hessian_block,
     hessian_diag,
+    live_records,
     per_sample_grads,
 )
 
@@ -300,7 +300,7 @@ def test_untied_modules_keep_their_own_records():
     model = extend(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 3)).to(D))
     loss = nn.CrossEntropyLoss()(model(torch.randn(2, 4, dtype=D)), torch.tensor([0, 1]))
     assert model[0].__dict__["_backpack_calls"] is not model[2].__dict__["_backpack_calls"]
-    assert not any(r.shared for r in _live_records())
+    assert not any(r.shared for r in live_records())
     del loss
 
 
@@ -316,11 +316,6 @@ def test_tie_after_extend_needs_extend_again():
     torch.testing.assert_close(model.first.weight.grad_batch, ref["first.weight"])
 
 
-def _live_records() -> list[_Record]:
-    gc.collect()
-    return [o for o in gc.get_objects() if isinstance(o, _Record) and o.io is not None]
-
-
 def test_memory_flat_and_nothing_left_on_modules():
     model, lossfunc, x, y = _problem(TinyGPT, n=4)
     extend(model)
@@ -331,15 +326,7 @@ def test_memory_flat_and_nothing_left_on_modules():
         model.zero_grad()
         _run(model, lossfunc, x, y, *(exts if i % 2 else exts[:2]))
 
-    def tensors_after_10_steps() -> int:
-        for i in range(10):
-            step(i)
-        gc.collect()
-        return sum(isinstance(o, torch.Tensor) for o in gc.get_objects())
-
-    first = tensors_after_10_steps()
-    assert tensors_after_10_steps() <= first
-    assert not _live_records()
+    assert_memory_flat(step, 10)
     for m in model.modules():
         assert set(m.__dict__) <= before[m] | {"_backpack_calls"}
         assert not m.__dict__.get("_backpack_calls")
@@ -353,7 +340,7 @@ def test_untie_after_extend_and_extend_again():
     extend(model)
     assert model.first.__dict__["_backpack_calls"] is not model.second.__dict__["_backpack_calls"]
     loss = lossfunc(model(x), y)
-    assert not any(r.shared for r in _live_records())
+    assert not any(r.shared for r in live_records())
     ref = per_sample_grads(model, lossfunc, x, y)
     with backpack(BatchGrad()):
         loss.backward()

@@ -79,7 +79,9 @@ def _case(model: str, ext: str):
     reason = KNOWN.get((model, ext))
     marks = []
     if reason:  # a wrong value where an error was expected (or the reverse) fails the test
-        raises = AssertionError if reason.startswith("WRONG") else (RuntimeError, NotImplementedError)
+        raises = (
+            AssertionError if reason.startswith("WRONG") else (RuntimeError, NotImplementedError)
+        )
         marks = [pytest.mark.xfail(strict=False, reason=reason, raises=raises)]
     return pytest.param(model, ext, marks=marks, id=f"{model}-{ext}")
 
@@ -139,7 +141,9 @@ def test_zoo(model, ext):
     elif ext == "DiagGGNExact":
         ggn = _ggn(model)
         for k, p in params.items():
-            torch.testing.assert_close(p.diag_ggn_exact, ggn[k].sum(0), msg=lambda m, k=k: f"{k}: {m}")
+            torch.testing.assert_close(
+                p.diag_ggn_exact, ggn[k].sum(0), msg=lambda m, k=k: f"{k}: {m}"
+            )
     elif ext == "DiagGGNMC":
         for k, p in params.items():
             assert p.diag_ggn_mc.shape == p.shape and torch.isfinite(p.diag_ggn_mc).all(), k

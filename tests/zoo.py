@@ -257,7 +257,9 @@ def per_sample_grads(zoo: Zoo) -> dict[str, Tensor]:
     for n in range(zoo.x.shape[0]):
         grads = torch.autograd.grad(losses[rows == n].sum(), list(params.values()),
                                     retain_graph=True, allow_unused=True)  # fmt: skip
-        out.append([torch.zeros_like(p) if g is None else g for g, p in zip(grads, params.values())])
+        out.append(
+            [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params.values())]
+        )
     return {k: torch.stack([o[i] for o in out]) for i, k in enumerate(params)}
 
 
@@ -291,8 +293,9 @@ def ggn_columns(zoo: Zoo, names: list[str] | None = None, chunk: int = 8):
                                         is_grads_batched=True, materialize_grads=True)  # fmt: skip
         except (RuntimeError, NotImplementedError):  # no batching rule: one column at a time
             each = [
-                torch.autograd.grad(logits, list(params.values()), one, retain_graph=True,
-                                    materialize_grads=True)  # fmt: skip
+                torch.autograd.grad(
+                    logits, list(params.values()), one, retain_graph=True, materialize_grads=True
+                )  # fmt: skip
                 for one in cols
             ]
             grads = [torch.stack(g) for g in zip(*each)]
