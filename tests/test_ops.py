@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from backpack import backpack, extend
+from backpack.custom_module.position import PositionalEmbedding
 from backpack.derivatives.ops import Op
 from backpack.extensions import (
     KFAC,
@@ -170,7 +171,7 @@ def test_sqrt_ggn_and_kronecker_factors(name: str):
         if len(p.kflr) == 1 and key in ("cls", "pos", "gamma"):
             torch.testing.assert_close(p.kflr[0], ggn_block(model, lossfunc, x, y, key))
     if not kron:
-        with pytest.raises(NotImplementedError, match=r"KFLR: parameter 'weight' of Embedding"):
+        with pytest.raises(NotImplementedError, match=r"KFLR: parameter '\w+' of .* is tied to"):
             with backpack(KFLR()):
                 lossfunc(model(x), y).backward()
 
@@ -474,3 +475,42 @@ def test_language_model_monte_carlo_sums_the_tokens_draws(flat: bool):
     for key, p in model.named_parameters():
         scale = p.diag_ggn_exact.abs().max()
         torch.testing.assert_close(p.diag_ggn_mc, p.diag_ggn_exact, atol=0.05 * scale, rtol=0.1)
+
+
+class AddedPositions(nn.Module):
+    """``x + pos`` with ``pos [1, P, D]`` a parameter (a ViT's position embedding), or the same
+    through backpack's ``PositionalEmbedding`` layer."""
+
+    def __init__(self, p: int, d: int, layer: bool = False):
+        super().__init__()
+        self.embed, self.head = nn.Linear(2, d), nn.Linear(d, 3)
+        self.layer = PositionalEmbedding(p, d) if layer else None
+        self.pos = nn.Parameter(torch.randn(1, p, d)) if not layer else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.embed(x)
+        h = self.layer(h) if self.layer is not None else h + self.pos
+        return self.head(torch.tanh(h).mean(1))
+
+
+@pytest.mark.parametrize("ext", [KFLR, KFAC])
+def test_added_position_embedding_has_kronecker_factors(ext):
+    """``[A, G]`` (rows: positions) equal to those of the same parameter in backpack's
+    ``PositionalEmbedding`` layer; also where the exact block would be too large (5120
+    entries)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 80, 2, dtype=DTYPE), torch.randint(0, 3, (4,))
+    torch.manual_seed(1)
+    added = extend(AddedPositions(80, 64).to(DTYPE))
+    torch.manual_seed(1)
+    layer = extend(AddedPositions(80, 64, layer=True).to(DTYPE))
+    layer.layer.weight.data = added.pos.data[0].clone()
+    lossfunc = extend(nn.CrossEntropyLoss())
+    for model in (added, layer):
+        torch.manual_seed(2)  # KFAC's samples
+        with backpack(ext()):
+            lossfunc(model(x), y).backward()
+    got, want = getattr(added.pos, ext().savefield), getattr(layer.layer.weight, ext().savefield)
+    assert [f.shape for f in got] == [(80, 80), (64, 64)]
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)

@@ -59,6 +59,19 @@ _MULTILINEAR = frozenset(
 _DIVISION = frozenset(("div", "__truediv__", "__itruediv__", "div_", "divide", "true_divide"))
 
 
+_ADDITIONS = frozenset(("add", "__add__", "__radd__", "__iadd__", "add_"))
+
+
+def _added(call: Call, p: Tensor) -> bool:
+    """Whether ``call`` is ``x + p``: the parameter itself added to one input (no ``alpha``)."""
+    kinds = [k for k, _ in call.slots]
+    return (
+        getattr(call.func, "__name__", "") in _ADDITIONS
+        and sorted(kinds) == sorted([IN, PARAM])
+        and any(k == PARAM and r is p for k, r in call.slots)
+    )
+
+
 def _affine_in(call: Call, positions: list[int]) -> bool:
     """Whether ``call`` is affine in the leaves at ``positions`` jointly (its second
     derivative w.r.t. them vanishes)."""
@@ -190,6 +203,23 @@ class OpRule(AutogradRule):
 
     def param_names(self, module: Module) -> list[str]:
         return [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+
+    kron_input_rows = True  # an added position embedding [1, P, *feat]: rows are positions
+
+    def kron_factors(self, module: Module, io: IO, mat: Tensor, name: str) -> list | None:
+        """A parameter ``[1, P, *feat]`` added to an input ``[n, P, *feat]`` (a ViT's position
+        embedding) reads row ``p`` at position ``p``, as ``PositionalEmbedding``: one block
+        ``(a [1, n, 1, P, P], b [v, n, 1, F, P])``, ``a`` the one-hot rows. Other parameters
+        have no Kronecker structure: their exact block ``[G]`` (``AutogradRule``)."""
+        p = module.get_parameter(name)
+        if not (_added(module.call, p) and p.dim() > 1 and p.shape[0] == 1):
+            return super().kron_factors(module, io, mat, name)
+        if tuple(mat.shape[2:]) != tuple(p.shape[1:]):  # broadcast within a sample
+            return super().kron_factors(module, io, mat, name)
+        n, rows = mat.shape[1], p.shape[1]
+        eye = torch.eye(rows, dtype=mat.dtype, device=mat.device)
+        b = mat.flatten(3).transpose(2, 3)[:, :, None]
+        return [(eye.expand(1, n, 1, rows, rows), b)]
 
     def residual_factors(self, module: Module, io: IO, g: Any) -> list[tuple[float, Any]]:
         """None for a call affine in its inputs jointly (most calls between modules: sums,

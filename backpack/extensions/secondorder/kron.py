@@ -199,13 +199,22 @@ class KroneckerExtension(SecondOrderExtension):
         Raises:
             NotImplementedError: for a parameter tied between modules whose factors have
                 ``A`` on different sides (an embedding tied to an output layer: ``[A, G]``
-                and ``[G, A]``): summing them would add activation to gradient statistics.
+                and ``[G, A]``): summing them would add activation to gradient statistics;
+                and where one use has Kronecker factors and another only an exact block.
         """
         self.store(call, flowing)
         for name, param in call.params():
             factors, pid = getattr(param, self.savefield), id(param)
             layout = (factors, _a_at(call.rule), call.module)
             old = pieces.sums.setdefault(("kron_layout", self.savefield, pid), layout)
+            if self._exact_block(factors) != self._exact_block(old[0]):
+                raise NotImplementedError(
+                    f"{type(self).__name__}: parameter '{name}' of {call.module} is tied to "
+                    f"{old[2]}; one use has Kronecker factors, the other only its exact block "
+                    "(no Kronecker structure), and their sum has neither. Use "
+                    "DiagGGNExact/SqrtGGNExact for this parameter, freeze it "
+                    "(requires_grad=False), or untie the weights."
+                )
             if len(factors) > 1 and old[1] != layout[1]:
                 raise NotImplementedError(
                     f"{type(self).__name__}: parameter '{name}' of {call.module} is tied to "
