@@ -85,3 +85,89 @@ def test_random_architecture_second_order(problem):
         torch.testing.assert_close(p.diag_ggn_exact, ggn[name])
         torch.testing.assert_close(p.diag_h_batch, hess_n[name])
         torch.testing.assert_close(p.diag_h, hess_n[name].sum(0))
+
+
+# function calls between modules (backpack.engine.ops): drawn steps on a [n, d] activation,
+# d even; "gamma"/"beta" read parameters of the container itself
+STEPS = ["residual", "scale", "gelu", "tanh", "heads", "cat", "gamma", "beta", "halves",
+         "softmax", "slice", "silu_"]  # fmt: skip
+
+
+class Glue(nn.Module):
+    """``Linear(d)``, then the drawn function-call steps (each followed by a Linear for the
+    steps that change the width), then ``Linear(3)``."""
+
+    def __init__(self, d_in: int, d: int, steps: list[str]):
+        super().__init__()
+        self.steps, self.d = steps, d
+        self.first, self.last = nn.Linear(d_in, d), nn.Linear(d, 3)
+        self.mix = nn.ModuleList(nn.Linear(d, d) for _ in steps)
+        self.wide = nn.ModuleList(nn.Linear(2 * d, d) for _ in steps)
+        self.gamma, self.beta = nn.Parameter(torch.randn(d)), nn.Parameter(torch.randn(1, d))
+
+    def forward(self, x):
+        h = self.first(x)
+        n, d = h.shape
+        for step, mix, wide in zip(self.steps, self.mix, self.wide):
+            if step == "residual":
+                h = h + mix(torch.tanh(h))
+            elif step == "scale":
+                h = mix(h * 0.5 - 1.0)
+            elif step == "gelu":
+                h = mix(torch.nn.functional.gelu(h))
+            elif step == "tanh":
+                h = mix(torch.tanh(h))
+            elif step == "heads":
+                h = mix(h.view(n, 2, d // 2).transpose(1, 2).reshape(n, d))
+            elif step == "cat":
+                h = wide(torch.cat([h, torch.sin(h)], 1))
+            elif step == "gamma":
+                h = mix(h * self.gamma)
+            elif step == "beta":
+                h = mix(torch.sigmoid(h + self.beta))
+            elif step == "halves":
+                a, b = h.chunk(2, dim=1)
+                h = mix(torch.cat([a * b, a + b], 1))
+            elif step == "softmax":
+                h = mix(torch.softmax(h, dim=1) * h)
+            elif step == "slice":
+                h = wide(torch.cat([h[:, : d // 2], h[:, d // 2 :], h], 1))
+            elif step == "silu_":
+                h = mix(h.clone()).mul_(2.0)
+        return self.last(h)
+
+
+@st.composite
+def glued(draw, max_n: int):
+    """``(model, lossfunc, x, y)`` with function calls between the modules."""
+    steps = draw(st.lists(st.sampled_from(STEPS), min_size=1, max_size=3))
+    d_in, d = draw(st.integers(1, 4)), 2 * draw(st.integers(1, 3))
+    loss = draw(st.sampled_from(sorted(LOSSES)))
+    reduction = draw(st.sampled_from(["mean", "sum"]))
+    n = draw(st.integers(1, max_n))
+    torch.manual_seed(draw(st.integers(0, 2**16)))
+    model = Glue(d_in, d, steps).double()
+    x = torch.randn(n, d_in, dtype=torch.float64)
+    with torch.no_grad():
+        y = make_target(loss, model(x))
+    return model, LOSSES[loss](reduction=reduction), x, y
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problem=glued(max_n=3))
+def test_random_function_calls_between_modules(problem):
+    """First-order quantities, GGN and Hessian diagonals through drawn function calls."""
+    model, lossfunc, x, y = problem
+    ref = per_sample_grads(model, lossfunc, x, y)
+    ggn = ggn_diag(model, lossfunc, x, y)
+    hess = hessian_diag(model, lossfunc, x, y)
+    extend(model)
+    extend(lossfunc)
+    exts = [BatchGrad(), BatchL2Grad(), SumGradSquared(), Variance(), DiagGGNExact(), DiagHessian()]
+    with backpack(*exts):
+        lossfunc(model(x), y).backward()
+    params = {k: p for k, p in model.named_parameters() if p.grad is not None}
+    assert_first_order(params, {k: ref[k] for k in params})
+    for name, p in params.items():
+        torch.testing.assert_close(p.diag_ggn_exact, ggn[name])
+        torch.testing.assert_close(p.diag_h, hess[name])
