@@ -160,8 +160,8 @@ class LinearFormRule(Rule):
             a, b = b, a
         v, n, groups, dim_a, s = a.shape
         dim_b = b.shape[3]
-        parts = []
-        shared = a.stride(0) == 0
+        parts, total = [], None
+        shared = a.stride(0) == 0 or v == 1  # one matmul per v on the shared (or only) a
         per_sample = (1 if shared else v) * groups * dim_a * dim_b
         for idx in chunks(n, per_sample, budget=1 << 20):
             if shared:
@@ -172,6 +172,10 @@ class LinearFormRule(Rule):
                     js.addcmul_(prod, prod)
             else:
                 js = torch.einsum("vngas,vngbs->ngvab", a[:, idx], b[:, idx]).square_().sum(2)
-            parts.append(js.sum(0) if sum_batch else js)
-        out = sum(parts) if sum_batch else torch.cat(parts)
+            if not sum_batch:
+                parts.append(js)
+                continue
+            js = js.sum(0) if js.shape[0] > 1 else js[0]  # js is fresh: accumulate in place
+            total = js if total is None else total.add_(js)
+        out = total if sum_batch else torch.cat(parts)
         return out if swap else out.transpose(-1, -2)
