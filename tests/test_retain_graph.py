@@ -15,8 +15,7 @@ import backpack.engine.driver as hooks
 from backpack import backpack, extend
 from backpack.custom_module.slicing import Slicing
 from backpack.extensions import BatchGrad, DiagGGNExact
-from tests.oracles import ggn_diag
-from tests.test_engine import _live_records
+from tests.oracles import ggn_diag, live_records
 
 
 def _autoencoder() -> nn.Module:
@@ -89,6 +88,6 @@ def test_dropped_retained_graph_freed_by_next_forward():
             lossfunc(model(x), x.flatten(1)).backward(retain_graph=True)
     out = model(x)
     gc.collect()
-    mine = [r for r in _live_records() if any(r.module is m for m in model)]
+    mine = [r for r in live_records() if any(r.module is m for m in model)]
     assert len(mine) == len(model)  # the new forward's only
     del out
