@@ -167,10 +167,9 @@ class Op(Module):
     Its parameters ``p0, p1, ...`` are the parameters the call reads (the same objects: what
     extensions store on them lands on the model's parameters)."""
 
-    def __init__(self, call: Call, batch: int | None):
+    def __init__(self, call: Call):
         super().__init__()
         self.call = call
-        self.batch = batch  # the model's batch size in this forward pass
         self._names: dict[int, str] = {}
         for i, p in enumerate(call.params()):
             self.register_parameter(f"p{i}", p)
@@ -254,8 +253,8 @@ class Merge(Op):
     """A view merging the batch with the ``k - 1`` axes after it: ``[N, a, ..., *rest] ->
     [N * k, *rest]`` (``k = a * ...``)."""
 
-    def __init__(self, call: Call, batch: int | None, k: int):
-        super().__init__(call, batch)
+    def __init__(self, call: Call, k: int):
+        super().__init__(call)
         self.k = k
 
 

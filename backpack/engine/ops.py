@@ -164,9 +164,9 @@ class Session(TorchFunctionMode):
                 refuse(out, _between(call), f"takes a tensor of shape {tuple(x.shape)} "
                        f"with the batch on axis {a} and returns one without it", False)  # fmt: skip
                 return
-            module = Merge(call, self.batch, k)
+            module = Merge(call, k)
         else:
-            module = Op(call, self.batch)
+            module = Op(call)
             if module.call.params() and (out_axis != 0 or any(b not in (0, None) for b in axes)):
                 refuse(out, _between(call), "reads parameters where the batch is not on "
                        "axis 0", False)  # fmt: skip
