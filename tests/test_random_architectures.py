@@ -45,19 +45,25 @@ def architectures(draw):
     return layers, shape
 
 
-@st.composite
-def problems(draw, max_n: int):
-    """``(model, lossfunc, x, y)``: a drawn architecture, loss, reduction, batch size and seed."""
-    layers, shape = draw(architectures())
+def _problem(draw, build, in_shape: tuple[int, ...], max_n: int):
+    """``(model, lossfunc, x, y)``: ``build()`` in float64 with a drawn loss, reduction, batch
+    size and seed."""
     loss = draw(st.sampled_from(sorted(LOSSES)))
     reduction = draw(st.sampled_from(["mean", "sum"]))
     n = draw(st.integers(1, max_n))
     torch.manual_seed(draw(st.integers(0, 2**16)))
-    model = nn.Sequential(*layers).double()
-    x = torch.randn(n, *shape, dtype=torch.float64)
+    model = build().double()
+    x = torch.randn(n, *in_shape, dtype=torch.float64)
     with torch.no_grad():
         y = make_target(loss, model(x))
     return model, LOSSES[loss](reduction=reduction), x, y
+
+
+@st.composite
+def problems(draw, max_n: int):
+    """A drawn architecture as a problem (``_problem``)."""
+    layers, shape = draw(architectures())
+    return _problem(draw, lambda: nn.Sequential(*layers), shape, max_n)
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -139,18 +145,10 @@ class Glue(nn.Module):
 
 @st.composite
 def glued(draw, max_n: int):
-    """``(model, lossfunc, x, y)`` with function calls between the modules."""
+    """A problem (``_problem``) with function calls between the modules."""
     steps = draw(st.lists(st.sampled_from(STEPS), min_size=1, max_size=3))
     d_in, d = draw(st.integers(1, 4)), 2 * draw(st.integers(1, 3))
-    loss = draw(st.sampled_from(sorted(LOSSES)))
-    reduction = draw(st.sampled_from(["mean", "sum"]))
-    n = draw(st.integers(1, max_n))
-    torch.manual_seed(draw(st.integers(0, 2**16)))
-    model = Glue(d_in, d, steps).double()
-    x = torch.randn(n, d_in, dtype=torch.float64)
-    with torch.no_grad():
-        y = make_target(loss, model(x))
-    return model, LOSSES[loss](reduction=reduction), x, y
+    return _problem(draw, lambda: Glue(d_in, d, steps), (d_in,), max_n)
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
