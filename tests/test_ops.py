@@ -514,3 +514,20 @@ def test_added_position_embedding_has_kronecker_factors(ext):
     assert [f.shape for f in got] == [(80, 80), (64, 64)]
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post-norm", "pre-norm"])
+def test_torch_transformer_encoder_without_the_converter(norm_first: bool):
+    """``nn.TransformerEncoder`` with plain ``extend``: its residuals and activation are
+    function calls between its modules (the converter used to be needed)."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(
+        4, 2, 8, dropout=0.0, batch_first=True, norm_first=norm_first, activation="gelu"
+    )
+    encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+    model = nn.Sequential(encoder, nn.Flatten(), nn.Linear(12, 3)).to(DTYPE).eval()
+    x, y = torch.randn(3, 3, 4, dtype=DTYPE), torch.randint(0, 3, (3,))
+    model, lossfunc = extend(model), extend(nn.CrossEntropyLoss())
+    with backpack(*ALL):
+        lossfunc(model(x), y).backward()
+    assert_first_order_and_diagonals(dict(model.named_parameters()), model, lossfunc, x, y)
