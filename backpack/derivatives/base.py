@@ -274,6 +274,17 @@ class Rule:
             )[0]
         return io.cache[key]
 
+    def add_batch_grad(
+        self, module: Module, io: IO, g: Tensor, name: str, acc: Tensor
+    ) -> Tensor | None:
+        """Add the per-sample gradients into ``acc`` ``[n, *param]`` in place, where a rule
+        does that cheaper than computing them apart (an embedding: its rows); None: it does not.
+
+        Returns:
+            ``acc``, or None.
+        """
+        return None
+
     def grad(self, module: Module, io: IO, g: Tensor, name: str) -> Tensor:
         """Gradient summed over the batch ``[*param]``."""
         key = ("batch_grad", name)

@@ -105,6 +105,19 @@ class EmbeddingRule(Rule):
         out.index_add_(0, self._keys(module, io, group), mat.reshape(-1, d))
         return out.view(v, *([] if sum_batch else [n]), *module.weight.shape)
 
+    def add_batch_grad(
+        self, module: nn.Module, io: IO, g: Tensor, name: str, acc: Tensor
+    ) -> Tensor | None:
+        """``acc [n, V, D]`` plus each sample's weighted slots at their rows (one ``index_add``
+        into ``acc``, no zeroed ``[n, V, D]`` of its own)."""
+        mat = self._weighted(module, io, g.unsqueeze(0))
+        _, n, _, d = mat.shape
+        if acc.shape != (n, *module.weight.shape) or acc.dtype != mat.dtype:
+            return None
+        group = torch.arange(n, device=mat.device).view(1, n, 1)
+        acc.view(-1, d).index_add_(0, self._keys(module, io, group), mat.reshape(-1, d))
+        return acc
+
     def param_jac_mat_prod(self, module: nn.Module, io: IO, mat: Tensor, name: str) -> Tensor:
         """``[v, V, D] -> [v, n, *out]``: each slot reads its row of ``mat``, scaled."""
         rows, weights = self._layout(module, io)

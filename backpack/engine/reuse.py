@@ -33,6 +33,7 @@ from torch.func import grad, jvp, vmap
 from torch.nn import Module, Parameter
 from torch.utils._pytree import tree_flatten
 
+import backpack._torch_private as _tp
 from backpack.derivatives.autograd import recorded, state_of
 from backpack.derivatives.base import IO
 from backpack.engine.call import Call
@@ -76,16 +77,23 @@ class Pieces:
         """The key of parameter ``name`` (local to ``call.module``): its object's id."""
         return id(call.module.get_parameter(name))
 
-    def add(self, key: Any, compute: Callable[[], Any]) -> None:
+    def add(
+        self, key: Any, compute: Callable[[], Any], into: Callable[[Tensor], Any] | None = None
+    ) -> None:
         """Add ``compute()`` (a tensor, or None for nothing) to the sum at ``key``, once per
-        call however many extensions ask."""
+        call however many extensions ask. ``into(sum)``, where given, adds the piece into the
+        sum in place (an embedding's few rows into a tied output layer's per-sample gradients:
+        no zeroed buffer of the whole table) when nothing else holds the sum; None: it cannot."""
         if self._last.get(key) == self.calls:
             return
         self._last[key] = self.calls
+        old = self.sums.get(key)
+        if into is not None and old is not None and _exclusive(old):
+            if into(old) is not None:
+                return
         piece = compute()
         if piece is None:
             return
-        old = self.sums.get(key)
         if old is None:
             self.sums[key] = piece
         elif old.shape != piece.shape:
@@ -114,6 +122,17 @@ class Pieces:
     def terms(self, key: tuple) -> dict:
         """``{origin: (sign, sum)}`` of the pieces added by ``add_terms`` with ``key``."""
         return {o: (self.sums[("sign", o)], v) for o, v in self.with_prefix(key).items()}
+
+
+def _exclusive(t: Tensor) -> bool:
+    """Whether only ``Pieces.sums`` holds ``t`` (no view, no other tensor on its storage, no
+    other reference: not a gradient autograd still uses, nor a cached result)."""
+    return (
+        _tp.view_base(t) is None
+        and t.is_contiguous()
+        and _tp.storage_use_count(t.untyped_storage()) <= 2
+        and _tp.refcount(t) <= 4  # the sums dict, ``add``'s name, this argument, refcount's
+    )
 
 
 def mixed_factors(

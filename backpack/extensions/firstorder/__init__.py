@@ -55,6 +55,7 @@ class FirstOrderExtension(BackpropExtension):
             pieces.add(
                 ("batch_grad", id(param), self.subsampling_key),
                 lambda n=name: call.rule.batch_grad(call.module, io, g, n),
+                lambda acc, n=name: call.rule.add_batch_grad(call.module, io, g, n, acc),
             )
 
     def finish(self, pieces: Pieces) -> None:
@@ -116,8 +117,8 @@ class BatchL2Grad(FirstOrderExtension):
         return rule.batch_l2(module, io, g, name)
 
     def from_batch_grad(self, grad_batch: Tensor) -> Tensor:
-        """``sum_P g_n**2`` per sample."""
-        return grad_batch.flatten(1).square().sum(1)
+        """``sum_P g_n**2`` per sample (a norm: no squared copy of the per-sample gradients)."""
+        return torch.linalg.vector_norm(grad_batch.flatten(1), dim=1).square()
 
 
 class SumGradSquared(FirstOrderExtension):
