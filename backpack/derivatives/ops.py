@@ -30,7 +30,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from backpack._state import disable
 from backpack.derivatives.automatic import AutogradRule
-from backpack.derivatives.base import IO, Request
+from backpack.derivatives.base import IO, Request, Rule
 from backpack.registry import register
 
 IN, CONST, PARAM, DERIVED = range(4)  # kinds of the tensor arguments of a recorded call
@@ -200,8 +200,7 @@ class OpRule(AutogradRule):
     def check(self, module: Module, io: IO, request: Request | None) -> None:
         pass
 
-    def param_names(self, module: Module) -> list[str]:
-        return [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+    param_names = Rule.param_names  # its own parameters (AutogradRule's looks into children)
 
     kron_input_rows = True  # an added position embedding [1, P, *feat]: rows are positions
 

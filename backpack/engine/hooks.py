@@ -53,13 +53,13 @@ def _keys(args: tuple) -> tuple:
     """Keys of the tensors in ``args``, nested tuples and lists (e.g. RNN states) flattened."""
     if len(args) == 1 and isinstance(args[0], Tensor):  # the common case, fast
         if args[0].grad_fn is not None and type(args[0].grad_fn).__name__ in _BRIDGED:
-            _bridge_identity_view(args[0])
+            _bridge_view(args[0])
         return (_key(args[0]),)
     if any(isinstance(a, (tuple, list)) for a in args):
         args = tree_flatten(args)[0]
     for a in args:
         if isinstance(a, Tensor) and a.grad_fn and type(a.grad_fn).__name__ in _BRIDGED:
-            _bridge_identity_view(a)
+            _bridge_view(a)
     return tuple(map(_key, args))
 
 
@@ -69,11 +69,11 @@ _VIEW_NODES = frozenset(
      "SqueezeBackward1", "SqueezeBackward2", "ExpandBackward0")
 )  # fmt: skip
 _COPY_NODES = frozenset(("CloneBackward0",))  # reshape of a non-contiguous view: a copy
-# nodes of a module input that may begin a chain the bridge passes (``_bridge_identity_view``)
+# nodes of a module input that may begin a chain the bridge passes (``_bridge_view``)
 _BRIDGED = _VIEW_NODES | {"SelectBackward0", "SliceBackward0"}
 
 
-def _bridge_identity_view(t: Tensor) -> None:
+def _bridge_view(t: Tensor) -> None:
     """Second-order quantities reaching ``t``, a view made between the model and the loss,
     pass on to the tensor it views: unchanged through views of the same shape
     (``f.view(-1, C)`` of an ``[N, C]`` output, as laplace-torch does), with each merged row's
@@ -281,11 +281,12 @@ def _forward_hook(module: Module, args: tuple, kwargs: dict, output: Any) -> Any
     try:  # the depth drops after the hook: the engine's own tensor calls are not recorded
         if session.depth != 1:
             return _record_call(module, args, kwargs, output)
-        if session.module_output(module, args, kwargs, output):
+        axis = rule_for(module).batch_axis(module)
+        if session.module_output(module, args, kwargs, output, axis):
             _PENDING.pop(module, None)
-            return None  # parameters and constants only, no batch axis: replayed by its users
+            return None  # derived (replayed by its users), or refused
         result = _record_call(module, args, kwargs, output)
-        session.track(module, output if result is None else result)
+        session.track(output if result is None else result, axis)
         return result
     finally:
         session.exit_module()

@@ -47,7 +47,6 @@ from backpack.derivatives.ops import (
 from backpack.derivatives.ops import merged_rows as _merged_rows
 from backpack.engine.driver import _on_output_grad
 from backpack.engine.record import _Record, tie
-from backpack.registry import rule_for
 
 # views whose merging of the batch axis is followed exactly (``MergeRule``)
 _VIEWS = frozenset(("view", "reshape", "flatten"))
@@ -190,12 +189,11 @@ class Session(TorchFunctionMode):
             _tp.push_mode(self)
             self.off = False
 
-    def track(self, module: Module, output: Any) -> None:
-        """The batch axis of a module's (first) output: its rule's."""
+    def track(self, output: Any, axis: int) -> None:
+        """The batch axis of a module's (first) output: ``axis``, its rule's."""
         t = output
         if not isinstance(t, Tensor):
             t = next((x for x in tree_flatten(output)[0] if isinstance(x, Tensor)), None)
-        axis = rule_for(module).batch_axis(module)
         if t is not None and t.grad_fn is not None and t.dim() > axis:
             self.axes[(t.grad_fn, t.output_nr)] = axis
 
@@ -217,15 +215,18 @@ class Session(TorchFunctionMode):
         """Whether ``t`` has the batch axis first (always, where the batch size is unknown)."""
         return self.batch is None or (t.dim() > 0 and t.shape[0] == self.batch)
 
-    def module_output(self, module: Module, args: tuple, kwargs: dict, output: Any) -> bool:
-        """An extended module called on parameters and constants only, whose output has size one
-        where the batch goes (position embeddings of ids ``[1, T]``, broadcast over the batch):
-        its output is derived (replayed by its users), also where its inputs are derived.
+    def module_output(
+        self, module: Module, args: tuple, kwargs: dict, output: Any, expected: int
+    ) -> bool:
+        """A call of an extended module whose rule has the batch on axis ``expected``. A first
+        sequence-first layer sets the batch size; an input with the batch elsewhere gets a
+        refusing hook; a call on parameters and constants only, whose output has size one
+        where the batch goes (position embeddings of ids ``[1, T]``, broadcast over the batch),
+        makes its output derived (replayed by its users), also where its inputs are derived.
 
         Returns:
-            Whether it did (then the call is not recorded as the module's).
+            Whether the call is not to be recorded as the module's (derived, or refused).
         """
-        expected = rule_for(module).batch_axis(module)
         if not self.seen_module:  # a sequence-first layer (batch axis 1) tells the batch size
             self.seen_module = True
             x = args[0] if args and isinstance(args[0], Tensor) else None
